@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	touch $(STAMP)
 
 book: $(STAMP)
-	rm -rf _build/html
+	rm -rf _build
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
