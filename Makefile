@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make book   build the HTML site in _build/html
-#   make test   unit tests, strict nbval on every notebook, and the book build
+#   make test   unit tests, strict nbval on every notebook, the book build,
+#               and the built site checked in headless Chromium
 # Both create .venv and install the pinned requirements when needed.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -15,7 +16,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test unit nbval notebooks lab clean
+.PHONY: book test unit nbval site notebooks lab screenshots clean
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,19 +32,27 @@ book: $(STAMP)
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --ignore=tests/site
+
+# The built site in headless Chromium (skipped, with the reason, when no
+# Chromium is installed; required under CI).
+site: $(STAMP)
+	$(BIN)/python -m pytest tests/site
 
 nbval: $(STAMP)
 	$(BIN)/python -m pytest --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 
-test: unit nbval book
+test: unit nbval book site
 
 # Re-execute every notebook and save its outputs in place (after a change
 # to the package or a chapter).
 notebooks: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=600 $(NOTEBOOKS)
+
+screenshots: $(STAMP)
+	$(BIN)/python tests/site/screenshots.py
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab book/

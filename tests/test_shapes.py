@@ -213,3 +213,15 @@ def test_memory_figure_colours_the_dropped_row_of_each_sequence():
     assert len(red) == 2 * 3  # one dropped row of V elements per sequence
     assert [p.get_x() for p in red] == [9, 10, 11, 21, 22, 23]
     assert len(top.patches) == 12
+
+
+def test_source_of_drops_the_docstring_and_keeps_the_code():
+    from companion.source import source_of
+
+    text = source_of(shift_for_next_token)
+    assert text.startswith("def shift_for_next_token(")
+    assert "Align each position" not in text
+    assert text.endswith("return logits[..., :-1, :], labels[..., 1:]")
+    assert "Align each position" in source_of(shift_for_next_token, docstring=True)
+    with pytest.raises(TypeError, match="obj must be a function or class"):
+        source_of(42)

@@ -1,0 +1,155 @@
+"""The built site, opened page by page in headless Chromium.
+
+Checks what a reader would notice: JavaScript errors, math left as raw TeX,
+broken images, links to pages or anchors that do not exist, a search that
+finds nothing, a chapter without its notebook download.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+SKIP_DIRS = {"_static", "_sources", "_images"}
+MATHJAX_READY = "() => window.MathJax && MathJax.startup && MathJax.startup.promise"
+
+
+REDIRECT = re.compile(r'<meta http-equiv="Refresh" content="0; url=([^"]+)"', re.IGNORECASE)
+
+
+def is_redirect(path: Path) -> bool:
+    return bool(REDIRECT.search(path.read_text(encoding="utf-8")))
+
+
+def site_pages(site_root: Path) -> list[Path]:
+    return sorted(
+        path for path in site_root.rglob("*.html")
+        if not SKIP_DIRS.intersection(path.relative_to(site_root).parts) and not is_redirect(path)
+    )
+
+
+def chapter_pages(site_root: Path) -> list[Path]:
+    return sorted((site_root / "book").glob("[0-9][0-9]_*.html"))
+
+
+def ids_in(html_file: Path, cache: dict[Path, set[str]]) -> set[str]:
+    if html_file not in cache:
+        text = html_file.read_text(encoding="utf-8")
+        cache[html_file] = set(re.findall(r'\bid="([^"]+)"', text))
+    return cache[html_file]
+
+
+@pytest.fixture(scope="module")
+def visited(browser, base_url, site_root):
+    """Open every page once and record what the checks need."""
+    results = {}
+    context = browser.new_context()
+    for path in site_pages(site_root):
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda msg, errors=errors: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+        page.on("requestfailed", lambda req, errors=errors: errors.append(f"request failed: {req.url}"))
+        relative = path.relative_to(site_root).as_posix()
+        page.goto(f"{base_url}/{relative}", wait_until="load")
+        has_math = page.evaluate("() => document.querySelectorAll('.math').length > 0")
+        if has_math:
+            page.wait_for_function(MATHJAX_READY, timeout=20_000)
+            page.evaluate("() => MathJax.startup.promise")
+        results[relative] = {
+            "errors": errors,
+            "math": page.evaluate(
+                """() => {
+                    const maths = Array.from(document.querySelectorAll('.math'));
+                    return {
+                        total: maths.length,
+                        unrendered: maths.filter(m => !m.querySelector('mjx-container'))
+                                         .map(m => m.textContent.slice(0, 60)),
+                        tex_errors: document.querySelectorAll('mjx-merror').length,
+                    };
+                }"""
+            ),
+            "broken_images": page.evaluate(
+                "() => Array.from(document.images)"
+                ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+            ),
+            "links": page.evaluate("() => Array.from(document.querySelectorAll('a[href]')).map(a => a.href)"),
+            "text": page.evaluate("() => document.body.innerText"),
+        }
+        page.close()
+    context.close()
+    return results
+
+
+def test_every_page_loads_without_console_errors(visited):
+    assert len(visited) >= 3
+    bad = {page: result["errors"] for page, result in visited.items() if result["errors"]}
+    assert not bad, f"console errors or failed requests: {bad}"
+
+
+def test_math_is_rendered_by_the_local_mathjax(visited):
+    chapters_with_math = [page for page, result in visited.items() if result["math"]["total"]]
+    assert "book/01_tensor_shapes.html" in chapters_with_math
+    for page in chapters_with_math:
+        math = visited[page]["math"]
+        assert not math["unrendered"], f"{page}: raw TeX left unrendered: {math['unrendered'][:5]}"
+        assert math["tex_errors"] == 0, f"{page}: {math['tex_errors']} TeX errors"
+
+
+def test_every_image_loads(visited):
+    bad = {page: result["broken_images"] for page, result in visited.items() if result["broken_images"]}
+    assert not bad, f"images that did not load: {bad}"
+
+
+def test_glue_references_and_directives_are_resolved(visited):
+    for page, result in visited.items():
+        for leftover in ("{glue:", "{cite:", "{exercise}", "{solution-start}", "```"):
+            assert leftover not in result["text"], f"{page}: unresolved {leftover!r} in the text"
+
+
+def test_internal_links_resolve(visited, base_url, site_root):
+    cache: dict[Path, set[str]] = {}
+    broken = []
+    for page, result in visited.items():
+        for href in result["links"]:
+            if not href.startswith(base_url):
+                continue
+            parts = urlsplit(href)
+            target = site_root / unquote(parts.path).lstrip("/")
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{page} -> {href}")
+            elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in ids_in(target, cache):
+                broken.append(f"{page} -> {href} (no such anchor)")
+    assert not broken, "broken internal links:\n" + "\n".join(sorted(set(broken)))
+
+
+def test_each_chapter_offers_its_notebook_for_download(visited, site_root):
+    chapters = chapter_pages(site_root)
+    assert chapters, "no chapter pages were built"
+    for chapter in chapters:
+        page = chapter.relative_to(site_root).as_posix()
+        notebook = f"_sources/book/{chapter.stem}.ipynb"
+        assert any(link.endswith(notebook) for link in visited[page]["links"]), page
+        assert (site_root / notebook).exists()
+
+
+def test_the_front_door_redirects_to_the_introduction(site_root):
+    match = REDIRECT.search((site_root / "index.html").read_text(encoding="utf-8"))
+    assert match and match.group(1) == "book/intro.html"
+    assert (site_root / match.group(1)).exists()
+
+
+def test_search_finds_a_term_from_a_chapter(browser, base_url):
+    page = browser.new_page()
+    page.goto(f"{base_url}/search.html?q=contiguous", wait_until="load")
+    page.wait_for_selector("#search-results ul.search li", timeout=20_000)
+    hits = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#search-results ul.search li a')).map(a => a.href)"
+    )
+    page.close()
+    assert any("01_tensor_shapes" in hit for hit in hits), hits
