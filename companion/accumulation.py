@@ -1,0 +1,651 @@
+"""One denominator: token means across batches, micro-batches and devices.
+
+A token-level mean loss is ``sum of token losses / number of scored tokens``.
+Whenever the tokens are split into groups (batches of an epoch, micro-batches
+of gradient accumulation, ranks of data-parallel training) and each group is
+averaged first, the result is a *mean of means*: every token of group ``k``
+gets weight ``1 / (K n_k)`` instead of ``1 / N``.  The two agree only when
+every group holds the same number of scored tokens.
+
+This module holds
+
+* the two reductions on per-group sums and counts (:func:`token_mean`,
+  :func:`mean_of_means`, :func:`token_weight_factors`);
+* the summed next-token loss of a ``(B, T, V)`` batch, its token count and
+  the loss of every position (:func:`token_loss_sum`,
+  :func:`count_scored_tokens`, :func:`token_losses`);
+* a small causal language model (:class:`TinyCausalLM`) and structured data
+  for it (:func:`make_counting_batch`), with a short warm-up
+  (:func:`warm_up`) so that per-token losses differ as they do in practice;
+* one optimizer step's loss and gradient on the full batch
+  (:func:`full_batch_step`) and with gradient accumulation over
+  micro-batches (:func:`accumulation_step`), naive or fixed;
+* the naive error as the token counts of two micro-batches drift apart
+  (:func:`naive_error_by_imbalance`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from companion import IGNORE_INDEX
+from companion._checks import (
+    require_integer,
+    require_labels_in_range,
+    require_positive_int,
+    require_rank,
+    require_tensor,
+)
+from companion.shapes import check_logits_and_labels, flatten_for_cross_entropy
+
+Reduction = Literal["mean_of_means", "token_mean"]
+"""How an accumulated step turns micro-batch losses into one loss.
+
+``"mean_of_means"``: each micro-batch's mean token loss divided by the number
+of micro-batches (the Trainer's behaviour before October 2024).
+``"token_mean"``: each micro-batch's *summed* token loss divided by the
+scored tokens of the whole batch (``num_items_in_batch``).
+"""
+
+REDUCTIONS: tuple[str, ...] = ("mean_of_means", "token_mean")
+
+PAD_TOKEN_ID: int = 0
+"""Input id placed after a row's real tokens; its label is ``IGNORE_INDEX``."""
+
+BOS_TOKEN_ID: int = 1
+"""First token of every row of :func:`make_counting_batch`."""
+
+
+# ---------------------------------------------------------------------------
+# The two reductions, on per-group sums and counts
+# ---------------------------------------------------------------------------
+
+
+def _check_sums_and_counts(
+    sums: Sequence[float], counts: Sequence[int]
+) -> tuple[list[float], list[int]]:
+    if isinstance(sums, (str, bytes)) or not isinstance(sums, Sequence):
+        raise TypeError(f"sums must be a sequence of floats; got {type(sums).__name__}")
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise TypeError(f"counts must be a sequence of ints; got {type(counts).__name__}")
+    if len(sums) != len(counts):
+        raise ValueError(
+            f"sums and counts must have one entry per group; got {len(sums)} sums "
+            f"and {len(counts)} counts"
+        )
+    if len(counts) == 0:
+        raise ValueError("sums and counts must describe at least one group; got none")
+    float_sums = [float(s) for s in sums]
+    int_counts = []
+    for index, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"counts[{index}] must be an int; got {type(count).__name__}")
+        if count < 0:
+            raise ValueError(f"counts[{index}] must be >= 0; got {count}")
+        int_counts.append(count)
+    return float_sums, int_counts
+
+
+def token_mean(sums: Sequence[float], counts: Sequence[int]) -> float:
+    """The token-level mean of grouped token losses: ``sum(sums) / sum(counts)``.
+
+    Args:
+        sums: ``(K,)`` summed token losses of each group.
+        counts: ``(K,)`` scored tokens of each group (``>= 0``).
+
+    Raises:
+        ValueError: no group, lengths differ, a negative count, or
+            ``sum(counts) == 0`` (the mean 0/0 is undefined).
+    """
+    float_sums, int_counts = _check_sums_and_counts(sums, counts)
+    total = sum(int_counts)
+    if total == 0:
+        raise ValueError("counts sum to 0: there is no scored token, so the token mean is 0/0")
+    return math.fsum(float_sums) / total
+
+
+def mean_of_means(
+    sums: Sequence[float],
+    counts: Sequence[int],
+    weights: Sequence[float] | None = None,
+) -> float:
+    """Average the groups' own means: ``sum_k w_k (sums_k / counts_k) / sum_k w_k``.
+
+    With ``weights=None`` every group counts the same, which is what dividing
+    each micro-batch's mean loss by the number of micro-batches does.  With
+    ``weights`` = number of sequences per batch it is Keras's epoch loss.
+
+    Args:
+        sums: ``(K,)`` summed token losses of each group.
+        counts: ``(K,)`` scored tokens of each group, all ``>= 1``.
+        weights: optional ``(K,)`` non-negative group weights, not all zero.
+
+    Raises:
+        ValueError: a group without scored tokens (its mean is 0/0), or bad
+            weights.
+    """
+    float_sums, int_counts = _check_sums_and_counts(sums, counts)
+    for index, count in enumerate(int_counts):
+        if count == 0:
+            raise ValueError(
+                f"counts[{index}] is 0: group {index} has no scored token, so its mean is 0/0"
+            )
+    if weights is None:
+        group_weights = [1.0] * len(int_counts)
+    else:
+        group_weights = [float(w) for w in weights]
+        if len(group_weights) != len(int_counts):
+            raise ValueError(
+                f"weights must have one entry per group ({len(int_counts)}); "
+                f"got {len(group_weights)}"
+            )
+        if any(w < 0 for w in group_weights) or sum(group_weights) == 0:
+            raise ValueError(f"weights must be >= 0 and not all 0; got {group_weights}")
+    weighted = [w * s / n for w, s, n in zip(group_weights, float_sums, int_counts, strict=True)]
+    return math.fsum(weighted) / math.fsum(group_weights)
+
+
+def token_weight_factors(counts: Sequence[int]) -> list[float]:
+    """How much more (or less) a token of each group counts under the mean of means.
+
+    The token mean weighs every token ``1 / N``; the equal-weight mean of
+    means weighs a token of group ``k`` ``1 / (K n_k)``.  The ratio is
+    ``N / (K n_k)``: above 1 in groups with fewer tokens than average.
+
+    Args:
+        counts: ``(K,)`` scored tokens of each group, all ``>= 1``.
+
+    Returns:
+        ``(K,)`` factors; ``sum_k n_k * factor_k == N``.
+    """
+    _, int_counts = _check_sums_and_counts([0.0] * len(counts), counts)
+    for index, count in enumerate(int_counts):
+        if count == 0:
+            raise ValueError(f"counts[{index}] is 0: group {index} has no scored token")
+    total, groups = sum(int_counts), len(int_counts)
+    return [total / (groups * count) for count in int_counts]
+
+
+# ---------------------------------------------------------------------------
+# The summed next-token loss of a batch
+# ---------------------------------------------------------------------------
+
+
+def _check_labels(labels: torch.Tensor, name: str = "labels") -> None:
+    require_tensor(labels, name)
+    require_rank(labels, 2, name, "(B, T)")
+    require_integer(labels, name)
+
+
+def count_scored_tokens(labels: torch.Tensor) -> int:
+    """Number of next-token targets that a causal-LM loss scores.
+
+    Position ``t`` predicts ``labels[:, t + 1]``, so the first label of every
+    row is never a target: the count is ``(labels[:, 1:] != -100).sum()``.
+
+    Args:
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+    """
+    _check_labels(labels)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of a batch (no division).
+
+    Args:
+        logits: ``(B, T, V)`` float.
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+
+    Returns:
+        A 0-d tensor of ``logits``' dtype, differentiable, ``0`` (still
+        attached to the graph) when no position is scored.
+    """
+    _, _, vocab = check_logits_and_labels(logits, labels)
+    require_labels_in_range(labels, vocab, IGNORE_INDEX, "labels")
+    flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of every position, ``0`` where the target is ignored.
+
+    Args:
+        logits: ``(B, T, V)`` float.
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+
+    Returns:
+        ``(B, T-1)`` in ``logits``' dtype: entry ``[b, t]`` is
+        ``-log p(labels[b, t+1] | tokens <= t)``.
+    """
+    batch, time, vocab = check_logits_and_labels(logits, labels)
+    require_labels_in_range(labels, vocab, IGNORE_INDEX, "labels")
+    flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
+    per_position = F.cross_entropy(
+        flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return per_position.view(batch, time - 1)
+
+
+# ---------------------------------------------------------------------------
+# A small causal language model and data for it
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """Sizes of :class:`TinyCausalLM`.
+
+    Attributes:
+        vocab_size: ``V``; id ``0`` is the padding token.
+        hidden_size: width of the residual stream.
+        num_heads: attention heads (``hidden_size`` must be divisible by it).
+        max_length: longest sequence ``T`` the position table covers.
+    """
+
+    vocab_size: int = 24
+    hidden_size: int = 32
+    num_heads: int = 2
+    max_length: int = 96
+
+
+class TinyCausalLM(nn.Module):
+    """Embeddings, one pre-norm causal self-attention block and a language-model head.
+
+    ``forward(input_ids: (B, T) int) -> logits: (B, T, V)`` in the module's
+    dtype.  Attention is causal, so with right padding the logits of a real
+    position never depend on the padding after it: no attention mask is
+    needed, and a row gives the same logits alone or inside a batch.
+    """
+
+    def __init__(self, config: TinyLMConfig) -> None:
+        super().__init__()
+        require_positive_int(config.vocab_size, "config.vocab_size")
+        require_positive_int(config.hidden_size, "config.hidden_size")
+        require_positive_int(config.num_heads, "config.num_heads")
+        require_positive_int(config.max_length, "config.max_length")
+        if config.hidden_size % config.num_heads:
+            raise ValueError(
+                f"config.hidden_size ({config.hidden_size}) must be divisible by "
+                f"config.num_heads ({config.num_heads})"
+            )
+        self.config = config
+        hidden = config.hidden_size
+        self.token_embedding = nn.Embedding(config.vocab_size, hidden)
+        self.position_embedding = nn.Embedding(config.max_length, hidden)
+        self.attention_norm = nn.LayerNorm(hidden)
+        self.query_key_value = nn.Linear(hidden, 3 * hidden)
+        self.attention_output = nn.Linear(hidden, hidden)
+        self.mlp_norm = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+        self.final_norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for ``input_ids: (B, T)`` int in ``[0, V)``."""
+        require_tensor(input_ids, "input_ids")
+        require_rank(input_ids, 2, "input_ids", "(B, T)")
+        require_integer(input_ids, "input_ids")
+        batch, time = input_ids.shape
+        if time > self.config.max_length:
+            raise ValueError(
+                f"input_ids has T={time} positions; the model covers at most "
+                f"config.max_length={self.config.max_length}"
+            )
+        positions = torch.arange(time, device=input_ids.device)
+        hidden = self.token_embedding(input_ids) + self.position_embedding(positions)
+        heads, width = self.config.num_heads, self.config.hidden_size // self.config.num_heads
+        query, key, value = self.query_key_value(self.attention_norm(hidden)).chunk(3, dim=-1)
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, time, heads, width).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            split_heads(query), split_heads(key), split_heads(value), is_causal=True
+        )
+        hidden = hidden + self.attention_output(attended.transpose(1, 2).reshape(batch, time, -1))
+        hidden = hidden + self.mlp(self.mlp_norm(hidden))
+        return self.lm_head(self.final_norm(hidden))
+
+
+def build_tiny_lm(
+    config: TinyLMConfig | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> TinyCausalLM:
+    """A :class:`TinyCausalLM` with weights drawn from ``torch.manual_seed(seed)``.
+
+    float64 by default, so that comparisons between reductions measure the
+    reduction and not float32 rounding.
+    """
+    torch.manual_seed(seed)
+    return TinyCausalLM(config or TinyLMConfig()).to(dtype)
+
+
+def make_counting_batch(
+    lengths: Sequence[int],
+    *,
+    vocab_size: int,
+    seed: int,
+    total_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that start with a begin token, then count up from a random token.
+
+    Row ``i`` is ``[BOS, s, s+1, s+2, ...]`` (``lengths[i]`` tokens; counting
+    wraps around within ids ``2 .. V-1``) with a random start ``s``.  The first
+    target of a row, ``s``, cannot be predicted from ``BOS``; every later one
+    follows from the token before it.  A trained model therefore has a high
+    loss on the first target of each row and a low loss on the others, so
+    short rows have a higher mean loss than long ones, much as the first
+    positions of real text, with the least context, have the highest loss.
+
+    Args:
+        lengths: ``(B,)`` real tokens per row (``BOS`` included), each ``>= 1``.
+        vocab_size: ``V >= 3``; id ``0`` is padding, id ``1`` is ``BOS``.
+        seed: seed of the generator that draws the starts.
+        total_length: ``T``, at least ``max(lengths)`` and 2; default ``max(lengths, 2)``.
+
+    Returns:
+        ``input_ids: (B, T)`` int64 with ``0`` after each row's tokens, and
+        ``labels: (B, T)`` int64, equal to ``input_ids`` on real tokens and
+        ``-100`` on padding.  Row ``i`` has ``lengths[i] - 1`` scored targets.
+    """
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
+        raise ValueError("lengths must be a non-empty sequence of ints, one per row")
+    for index, length in enumerate(lengths):
+        require_positive_int(length, f"lengths[{index}]")
+    require_positive_int(vocab_size, "vocab_size")
+    if vocab_size < 3:
+        raise ValueError(f"vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); got {vocab_size}")
+    longest = max(max(lengths), 2)
+    if total_length is None:
+        total_length = longest
+    require_positive_int(total_length, "total_length")
+    if total_length < longest:
+        raise ValueError(f"total_length must be >= max(lengths, 2) = {longest}; got {total_length}")
+    cycle = vocab_size - 2
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, cycle, (len(lengths),), generator=generator)
+    input_ids = torch.full((len(lengths), total_length), PAD_TOKEN_ID, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, 0] = BOS_TOKEN_ID
+        input_ids[row, 1:length] = 2 + (starts[row] + torch.arange(length - 1)) % cycle
+    labels = torch.where(input_ids == PAD_TOKEN_ID, IGNORE_INDEX, input_ids)
+    return input_ids, labels
+
+
+def warm_up(
+    model: TinyCausalLM,
+    *,
+    steps: int = 40,
+    rows: int = 8,
+    longest_row: int = 24,
+    seed: int = 1,
+    learning_rate: float = 3e-2,
+) -> list[float]:
+    """Train ``model`` briefly on counting rows; return the loss of each step.
+
+    A model at initialisation gives every token a loss near ``log V``, which
+    hides how unequal per-token losses are during training.  A few dozen
+    Adam steps on :func:`make_counting_batch` rows (lengths drawn from
+    ``2 .. longest_row`` with ``seed``) make the first target of a row hard
+    and the others easy.
+    """
+    require_positive_int(steps, "steps")
+    require_positive_int(rows, "rows")
+    require_positive_int(longest_row, "longest_row")
+    config = model.config
+    if not 2 <= longest_row <= config.max_length:
+        raise ValueError(
+            f"longest_row must lie in [2, config.max_length={config.max_length}]; got {longest_row}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    parameters = list(model.parameters())
+    first_moments = [torch.zeros_like(p) for p in parameters]
+    second_moments = [torch.zeros_like(p) for p in parameters]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    history = []
+    for step in range(1, steps + 1):
+        lengths = torch.randint(2, longest_row + 1, (rows,), generator=generator).tolist()
+        input_ids, labels = make_counting_batch(
+            lengths, vocab_size=config.vocab_size, seed=seed * 100_003 + step
+        )
+        model.zero_grad(set_to_none=True)
+        loss = token_loss_sum(model(input_ids), labels) / count_scored_tokens(labels)
+        loss.backward()
+        # Adam written out: torch.optim imports the compiler stack (torch._dynamo)
+        # on first use, seconds of start-up in every data-parallel worker.
+        with torch.no_grad():
+            for p, m, v in zip(parameters, first_moments, second_moments, strict=True):
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1**step)
+                v_hat = v / (1 - beta2**step)
+                p.sub_(learning_rate * m_hat / (v_hat.sqrt() + eps))
+        history.append(loss.item())
+    model.zero_grad(set_to_none=True)
+    return history
+
+
+# ---------------------------------------------------------------------------
+# One optimizer step: full batch versus accumulated micro-batches
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Loss and gradient of one optimizer step, before the update.
+
+    Attributes:
+        reduction: ``"full_batch"``, ``"mean_of_means"`` or ``"token_mean"``.
+        loss: the loss the step reports (sum of the scaled micro-batch losses).
+        gradient: ``(P,)`` all parameter gradients, flattened in
+            ``model.parameters()`` order, in the model's dtype.
+        token_counts: scored tokens of each micro-batch (one entry for the full batch).
+    """
+
+    reduction: str
+    loss: float
+    gradient: torch.Tensor
+    token_counts: tuple[int, ...]
+
+
+def flat_gradient(model: nn.Module) -> torch.Tensor:
+    """``(P,)`` every parameter's ``.grad`` concatenated (zeros where ``None``)."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+            for p in model.parameters()
+        ]
+    ).clone()
+
+
+def _check_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    require_tensor(input_ids, "input_ids")
+    require_rank(input_ids, 2, "input_ids", "(B, T)")
+    require_integer(input_ids, "input_ids")
+    _check_labels(labels)
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(input_ids.shape)}; "
+            f"got {tuple(labels.shape)}"
+        )
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids needs T >= 2 positions; got T={input_ids.shape[1]}")
+
+
+def _require_scored_tokens(labels: torch.Tensor) -> int:
+    total = count_scored_tokens(labels)
+    if total == 0:
+        raise ValueError(
+            "labels has no scored token in the whole batch (every labels[:, 1:] is -100): "
+            "the token mean is 0/0"
+        )
+    return total
+
+
+def full_batch_step(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    """Loss and gradient of the token mean over the whole batch at once.
+
+    Args:
+        model: maps ``input_ids (B, T) int`` to ``logits (B, T, V)`` float.
+        input_ids: ``(B, T)`` int.
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+
+    Raises:
+        ValueError: no scored token in the batch.
+    """
+    _check_batch(input_ids, labels)
+    total = _require_scored_tokens(labels)
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model(input_ids), labels) / total
+    loss.backward()
+    return StepResult("full_batch", loss.item(), flat_gradient(model), (total,))
+
+
+def split_rows(
+    input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_rows: Sequence[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut a batch into consecutive micro-batches of ``micro_batch_rows`` rows each.
+
+    Raises:
+        ValueError: a size ``< 1`` or sizes that do not add up to ``B``.
+    """
+    _check_batch(input_ids, labels)
+    if isinstance(micro_batch_rows, (str, bytes)) or not isinstance(micro_batch_rows, Sequence):
+        raise TypeError(
+            f"micro_batch_rows must be a sequence of ints; got {type(micro_batch_rows).__name__}"
+        )
+    for index, rows in enumerate(micro_batch_rows):
+        require_positive_int(rows, f"micro_batch_rows[{index}]")
+    if sum(micro_batch_rows) != input_ids.shape[0]:
+        raise ValueError(
+            f"micro_batch_rows must add up to the batch's B={input_ids.shape[0]} rows; "
+            f"got {list(micro_batch_rows)} (sum {sum(micro_batch_rows)})"
+        )
+    pieces, start = [], 0
+    for rows in micro_batch_rows:
+        pieces.append((input_ids[start : start + rows], labels[start : start + rows]))
+        start += rows
+    return pieces
+
+
+def accumulation_step(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    micro_batch_rows: Sequence[int],
+    reduction: Reduction,
+) -> StepResult:
+    """One step with gradient accumulation over micro-batches.
+
+    Each micro-batch runs forward and backward on its own and the gradients
+    add up in ``.grad``, as a training loop with accumulation does.  The
+    micro-batch loss that is back-propagated is
+
+    * ``"mean_of_means"``: ``(S_k / n_k) / K``, its own token mean divided by
+      the number of micro-batches ``K``;
+    * ``"token_mean"``: ``S_k / N``, its summed token loss divided by the
+      scored tokens ``N`` of the whole batch, counted before the first
+      forward pass (``num_items_in_batch``).
+
+    Args:
+        model: maps ``input_ids (B, T) int`` to ``logits (B, T, V)`` float.
+        input_ids: ``(B, T)`` int.
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+        micro_batch_rows: rows of each micro-batch, adding up to ``B``.
+        reduction: ``"mean_of_means"`` or ``"token_mean"``.
+
+    Raises:
+        ValueError: no scored token in the batch; for ``"mean_of_means"``, a
+            micro-batch without a scored token (its own mean is 0/0).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    pieces = split_rows(input_ids, labels, micro_batch_rows)
+    total = _require_scored_tokens(labels)
+    counts = tuple(count_scored_tokens(piece_labels) for _, piece_labels in pieces)
+    if reduction == "mean_of_means":
+        for index, count in enumerate(counts):
+            if count == 0:
+                raise ValueError(
+                    f"micro-batch {index} has no scored token: its mean loss is 0/0 "
+                    "(PyTorch's reduction='mean' returns nan)"
+                )
+    model.zero_grad(set_to_none=True)
+    reported = 0.0
+    for (piece_ids, piece_labels), count in zip(pieces, counts, strict=True):
+        piece_sum = token_loss_sum(model(piece_ids), piece_labels)
+        if reduction == "mean_of_means":
+            piece_loss = piece_sum / count / len(pieces)
+        else:
+            piece_loss = piece_sum / total
+        piece_loss.backward()
+        reported += piece_loss.item()
+    return StepResult(reduction, reported, flat_gradient(model), counts)
+
+
+def relative_difference(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||result - reference|| / ||reference||`` (Euclidean norms of flat tensors)."""
+    require_tensor(result, "result")
+    require_tensor(reference, "reference")
+    if result.shape != reference.shape:
+        raise ValueError(
+            f"result must have the shape of reference {tuple(reference.shape)}; "
+            f"got {tuple(result.shape)}"
+        )
+    scale = float(torch.linalg.vector_norm(reference))
+    if scale == 0.0:
+        raise ValueError("reference has norm 0: a relative difference is undefined")
+    return float(torch.linalg.vector_norm(result - reference)) / scale
+
+
+# ---------------------------------------------------------------------------
+# How the naive error grows with imbalance
+# ---------------------------------------------------------------------------
+
+
+def naive_error_by_imbalance(
+    model: nn.Module,
+    token_ratios: Sequence[int],
+    *,
+    short_tokens: int = 2,
+    vocab_size: int,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Errors of both reductions for two micro-batches of unequal token counts.
+
+    Micro-batch 1 is one row with ``short_tokens`` scored tokens, micro-batch
+    2 one row with ``ratio * short_tokens``.  For each ratio, the full-batch
+    step is the reference.
+
+    Returns:
+        One dict per ratio: ``token_ratio``, ``naive_loss_error`` and
+        ``naive_gradient_error`` (relative), and ``fixed_loss_error`` and
+        ``fixed_gradient_error`` (relative, rounding only).
+    """
+    require_positive_int(short_tokens, "short_tokens")
+    rows = []
+    for ratio in token_ratios:
+        require_positive_int(ratio, "token_ratios[i]")
+        lengths = [short_tokens + 1, ratio * short_tokens + 1]
+        input_ids, labels = make_counting_batch(lengths, vocab_size=vocab_size, seed=seed + ratio)
+        full = full_batch_step(model, input_ids, labels)
+        naive = accumulation_step(model, input_ids, labels, [1, 1], "mean_of_means")
+        fixed = accumulation_step(model, input_ids, labels, [1, 1], "token_mean")
+        rows.append(
+            {
+                "token_ratio": float(ratio),
+                "naive_loss_error": abs(naive.loss - full.loss) / abs(full.loss),
+                "naive_gradient_error": relative_difference(naive.gradient, full.gradient),
+                "fixed_loss_error": abs(fixed.loss - full.loss) / abs(full.loss),
+                "fixed_gradient_error": relative_difference(fixed.gradient, full.gradient),
+            }
+        )
+    model.zero_grad(set_to_none=True)
+    return rows

@@ -1,0 +1,133 @@
+"""Figures of the cross-entropy chapter."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+from numpy.typing import ArrayLike
+
+from companion import IGNORE_INDEX
+from companion.plots import COLORS, new_figure
+
+
+def plot_naive_versus_stable(
+    scales: ArrayLike, naive_loss: ArrayLike, stable_loss: ArrayLike
+) -> plt.Figure:
+    """The naive ``log(softmax)`` loss breaking where the stable one does not.
+
+    Args:
+        scales: ``(S,)`` logit scales ``s`` (each row is ``s * [1, 0, -1]``, as
+            in :func:`companion.cross_entropy.naive_versus_stable_by_scale`).
+        naive_loss: ``(S,)`` mean loss from the naive formula (may hold ``inf``/``nan``).
+        stable_loss: ``(S,)`` mean loss from the log-sum-exp form.
+
+    Returns:
+        The stable loss as a line, the naive one as dots where it is finite,
+        and shaded bands where it is ``inf`` and where it is ``nan``.
+    """
+    s = np.asarray(scales, dtype=np.float64)
+    naive = np.asarray(naive_loss, dtype=np.float64)
+    stable = np.asarray(stable_loss, dtype=np.float64)
+    if not (s.ndim == 1 and naive.shape == s.shape and stable.shape == s.shape):
+        raise ValueError(
+            "scales, naive_loss and stable_loss must be 1-D arrays of one length; got "
+            f"{s.shape}, {naive.shape}, {stable.shape}"
+        )
+    fig, ax = new_figure(width=7.0, height=3.2)
+    ax.plot(s, stable, color=COLORS["right"], linewidth=2.0, label="stable (log-sum-exp)")
+    finite = np.isfinite(naive)
+    ax.plot(s[finite], naive[finite], "o", color=COLORS["accent"], markersize=3,
+            label="naive log(softmax), finite")
+    step = float(np.median(np.diff(s))) if s.size > 1 else 1.0
+    for mask, colour, text in ((np.isposinf(naive), "#fdae6b", "naive returns inf"),
+                               (np.isnan(naive), COLORS["wrong"], "naive returns nan")):
+        if mask.any():
+            ax.axvspan(s[mask].min() - step / 2, s[mask].max() + step / 2, color=colour,
+                       alpha=0.25, linewidth=0, label=text)
+    ax.set_xlabel("logit scale s  (rows = s · [1, 0, −1], targets = classes 0 and 2)")
+    ax.set_ylabel("mean loss of the batch (nats)")
+    ax.set_title("Naive log(softmax) breaks in float32; log-sum-exp does not")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_gradient_rows(grad: ArrayLike, targets: ArrayLike,
+                       ignore_index: int = IGNORE_INDEX) -> plt.Figure:
+    """The gradient ``dL/dlogits`` of a small batch as a heat map.
+
+    Args:
+        grad: ``(N, C)`` float, the gradient of the (mean) loss.
+        targets: ``(N,)`` int, ``ignore_index`` = ignored row.
+        ignore_index: the value marking ignored rows.
+
+    Returns:
+        A diverging heat map (negative = the logit should grow), the target
+        cell of each row outlined, ignored rows labelled as such.
+    """
+    g = np.asarray(grad, dtype=np.float64)
+    y = np.asarray(targets)
+    if g.ndim != 2:
+        raise ValueError(f"grad must be a 2-D array (N, C); got shape {g.shape}")
+    if y.shape != (g.shape[0],):
+        raise ValueError(f"targets must have shape (N,) = ({g.shape[0]},); got shape {y.shape}")
+    num_rows, num_classes = g.shape
+    fig, ax = new_figure(width=max(4.5, 0.7 * num_classes + 2.5), height=0.45 * num_rows + 1.4)
+    limit = float(np.abs(g).max()) or 1.0
+    image = ax.imshow(g, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    for n, target in enumerate(y):
+        if target != ignore_index:
+            ax.add_patch(plt.Rectangle((target - 0.5, n - 0.5), 1, 1, fill=False,
+                                       edgecolor="black", linewidth=1.6))
+    ax.set_xticks(range(num_classes), [str(c) for c in range(num_classes)])
+    ax.set_yticks(range(num_rows), [f"row {n} (ignored)" if t == ignore_index else
+                                    f"row {n}, y={t}" for n, t in enumerate(y)])
+    ax.set_xlabel("class c")
+    ax.set_ylabel("row n of the batch")
+    fig.colorbar(image, ax=ax, label="∂L/∂x[n, c]  (nats per logit unit)")
+    ax.set_title("(softmax − one-hot) / N_valid; boxed: target class")
+    return fig
+
+
+def plot_clipped_probability_loss(
+    true_loss: ArrayLike,
+    from_logits_loss: ArrayLike,
+    from_probs_loss: ArrayLike,
+    *,
+    epsilon: float,
+) -> plt.Figure:
+    """Keras' ``from_logits=True`` versus ``from_logits=False`` on confident mistakes.
+
+    Args:
+        true_loss: ``(S,)`` exact ``-log p_y`` (x axis), nats.
+        from_logits_loss: ``(S,)`` Keras loss given the logits.
+        from_probs_loss: ``(S,)`` Keras loss given ``softmax(logits)``.
+        epsilon: Keras' clipping constant; ``-log(epsilon)`` is drawn as a cap.
+
+    Returns:
+        Both losses against the exact one, with the cap as a dashed line.
+    """
+    x = np.asarray(true_loss, dtype=np.float64)
+    with_logits = np.asarray(from_logits_loss, dtype=np.float64)
+    with_probs = np.asarray(from_probs_loss, dtype=np.float64)
+    if not (x.ndim == 1 and with_logits.shape == x.shape and with_probs.shape == x.shape):
+        raise ValueError(
+            "true_loss, from_logits_loss and from_probs_loss must be 1-D arrays of one "
+            f"length; got {x.shape}, {with_logits.shape}, {with_probs.shape}"
+        )
+    if not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon must lie in (0, 1); got {epsilon}")
+    fig, ax = new_figure(width=6.5, height=3.4)
+    cap = -math.log(epsilon)
+    ax.plot([x.min(), x.max()], [cap, cap], color="grey", linewidth=0.8, linestyle=":",
+            zorder=1, label=f"−log(ε) = {cap:.2f}, ε = {epsilon:g}")
+    ax.plot(x, with_logits, color=COLORS["right"], linewidth=2.0, zorder=2,
+            label="from_logits=True (given logits)")
+    ax.plot(x, with_probs, color=COLORS["wrong"], linewidth=2.0, linestyle="--", zorder=3,
+            label="from_logits=False (given softmax)")
+    ax.set_xlabel("exact loss −log p_y of the row (nats)")
+    ax.set_ylabel("loss Keras reports (nats)")
+    ax.set_title("Given probabilities, Keras caps a row's loss near −log ε")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
