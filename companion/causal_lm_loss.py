@@ -25,7 +25,6 @@ from torch import nn
 
 from companion import IGNORE_INDEX
 from companion._checks import (
-    require_floating,
     require_integer,
     require_labels_in_range,
     require_leading_dims,
@@ -216,14 +215,7 @@ def unshifted_token_loss(
     """
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
-    require_tensor(logits, "logits")
-    require_tensor(labels, "labels")
-    require_rank(logits, 3, "logits", "(B, T, V)")
-    require_floating(logits, "logits")
-    require_rank(labels, 2, "labels", "(B, T)")
-    require_integer(labels, "labels")
-    batch, time, vocab = logits.shape
-    require_leading_dims(labels, (batch, time), "labels", "logits", "(B, T)")
+    _, _, vocab = check_logits_and_labels(logits, labels, min_time=1)
     require_labels_in_range(labels, vocab, ignore_index, "labels")
     return nn.functional.cross_entropy(
         logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index

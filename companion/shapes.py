@@ -29,17 +29,21 @@ from companion._checks import (
 )
 
 
-def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
+def check_logits_and_labels(
+    logits: torch.Tensor, labels: torch.Tensor, *, min_time: int = 2
+) -> tuple[int, int, int]:
     """Validate a causal-LM pair and return ``(B, T, V)``.
 
     Args:
         logits: ``(B, T, V)`` floating point, the scores before softmax.
         labels: ``(B, T)`` integer token ids (``-100`` = ignored).
+        min_time: fewest positions ``T`` accepted: 2 for a next-token loss
+            (one pair after the shift), 1 for a loss without a shift.
 
     Raises:
         TypeError: a non-tensor argument, non-float ``logits`` or non-integer ``labels``.
         ValueError: wrong rank, ``labels`` not matching ``logits``' first two
-            dimensions, or ``T < 2`` (nothing left to predict after the shift).
+            dimensions, or ``T < min_time`` (for the shift: nothing left to predict).
     """
     require_tensor(logits, "logits")
     require_tensor(labels, "labels")
@@ -49,10 +53,9 @@ def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     require_integer(labels, "labels")
     batch, time, vocab = logits.shape
     require_leading_dims(labels, (batch, time), "labels", "logits", "(B, T)")
-    if time < 2:
-        raise ValueError(
-            f"logits and labels need T >= 2 positions to form one next-token pair; got T={time}"
-        )
+    if time < min_time:
+        need = "to form one next-token pair" if min_time == 2 else "for this loss"
+        raise ValueError(f"logits and labels need T >= {min_time} positions {need}; got T={time}")
     return batch, time, vocab
 
 
