@@ -19,7 +19,12 @@ COLORS = {
 }
 
 
-def new_figure(width: float = 7.0, height: float = 3.0) -> tuple[plt.Figure, plt.Axes]:
+TEXT_WIDTH_IN = 6.3
+"""Width of the book's text column in inches: figures drawn at this width are
+shown at their natural size, so 9-10 pt text stays readable."""
+
+
+def new_figure(width: float = TEXT_WIDTH_IN, height: float = 3.0) -> tuple[plt.Figure, plt.Axes]:
     """A figure with one axes, sized for the book's text column (inches)."""
     fig, ax = plt.subplots(figsize=(width, height), dpi=110, layout="constrained")
     return fig, ax
