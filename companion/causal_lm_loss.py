@@ -12,7 +12,8 @@ average ``-log softmax`` over the pairs whose label is not ``ignore_index``:
   ``ForCausalLMLoss`` of transformers 5.
 * :func:`attention_mask_filter_loss`: before the flattening, keep only the
   pairs whose *target* position has ``attention_mask != 0``.  This is what
-  LLaVA did in transformers 4.45-4.51 when an ``attention_mask`` was passed.
+  LLaVA did up to transformers 4.51 (quoted as in 4.45) when an
+  ``attention_mask`` was passed.
 
 The first two give the same number for every input; the third agrees with
 them exactly when every padded target position is already ``ignore_index``.
@@ -35,17 +36,26 @@ from companion._checks import (
 from companion.shapes import check_logits_and_labels, flatten_for_cross_entropy
 
 
-def _check_loss_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> int:
-    """Validate a ``(B, T, V)`` / ``(B, T)`` pair and return ``V``."""
+def _check_ignore_index(ignore_index: int) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+        raise TypeError(
+            "ignore_index must be an int; "
+            f"got {type(ignore_index).__name__}"
+        )
+
+
+def _check_loss_inputs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> int:
+    """Validate a ``(B, T, V)`` / ``(B, T)`` pair and return ``V``."""
+    _check_ignore_index(ignore_index)
     _, _, vocab = check_logits_and_labels(logits, labels)
     require_labels_in_range(labels, vocab, ignore_index, "labels")
     return vocab
 
 
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
-    """Accept ``None``, an ``int >= 1``, or a 0-D integer tensor holding one."""
+    """Accept ``None``, an ``int >= 1`` or a 0-D integer tensor holding one."""
     if num_items_in_batch is None:
         return
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -60,7 +70,9 @@ def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
     require_positive_int(num_items_in_batch, "num_items_in_batch")
 
 
-def count_scored_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+def count_scored_targets(
+    labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> int:
     """Number of next-token targets that enter the loss.
 
     Args:
@@ -79,9 +91,12 @@ def count_scored_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
 
 
 def shift_and_slice_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """The loss as LLaVA's source wrote it: slice, flatten, ``CrossEntropyLoss()``.
+    """The loss as LLaVA's source wrote it: slice, flatten, cross-entropy.
 
     Args:
         logits: ``(B, T, V)`` float, scores before softmax.
@@ -95,7 +110,8 @@ def shift_and_slice_loss(
     """
     _check_loss_inputs(logits, labels, ignore_index)
     flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
-    return nn.CrossEntropyLoss(ignore_index=ignore_index)(flat_logits, flat_labels)
+    loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    return loss(flat_logits, flat_labels)
 
 
 def label_padding_loss(
@@ -105,7 +121,7 @@ def label_padding_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """The loss as ``ForCausalLMLoss`` computes it: pad the labels, shift only them.
+    """The loss as ``ForCausalLMLoss`` computes it: pad and shift the labels.
 
     Appending one ``ignore_index`` to every row of ``labels`` and dropping the
     first column gives ``(B, T)`` targets aligned with all ``T`` logit rows;
@@ -113,9 +129,9 @@ def label_padding_loss(
     contributes nothing, exactly as if it had been sliced away.
 
     Args:
-        logits: ``(B, T, V)`` float.  Half precision is upcast to float32 as
-            transformers does; float64 stays float64 (transformers' ``.float()``
-            would round it to float32).
+        logits: ``(B, T, V)`` float.  Half precision is upcast to float32
+            as transformers does; float64 stays float64 (transformers'
+            ``.float()`` casts every dtype to float32, float64 included).
         labels: ``(B, T)`` int in ``[0, V)``, ``ignore_index`` = ignored.
         num_items_in_batch: ``None`` for the mean over kept pairs; else an
             ``int >= 1`` (or 0-D integer tensor): the summed loss is divided
@@ -136,7 +152,8 @@ def label_padding_loss(
     flat_labels = shift_labels.view(-1).to(flat_logits.device)
     if num_items_in_batch is None:
         return nn.functional.cross_entropy(
-            flat_logits, flat_labels, ignore_index=ignore_index, reduction="mean"
+            flat_logits, flat_labels, ignore_index=ignore_index,
+            reduction="mean",
         )
     total = nn.functional.cross_entropy(
         flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum"
@@ -153,7 +170,7 @@ def attention_mask_filter_loss(
     *,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """The loss of LLaVA in transformers 4.45-4.51: keep pairs whose target is attended.
+    """LLaVA's loss up to transformers 4.51: keep pairs with attended targets.
 
     The mask is cropped to its last ``T - 1`` columns, which line up with the
     *targets* ``labels[:, 1:]`` (for a mask of length ``T``: columns
@@ -179,25 +196,33 @@ def attention_mask_filter_loss(
     require_rank(attention_mask, 2, "attention_mask", "(B, T')")
     if attention_mask.is_floating_point() or attention_mask.is_complex():
         raise TypeError(
-            f"attention_mask must hold integers or booleans (0 = padding); got {attention_mask.dtype}"
+            "attention_mask must hold integers or booleans (0 = padding); "
+            f"got {attention_mask.dtype}"
         )
     batch, time, vocab = logits.shape
-    require_leading_dims(attention_mask, (batch,), "attention_mask", "logits", "(B, T')")
+    require_leading_dims(
+        attention_mask, (batch,), "attention_mask", "logits", "(B, T')"
+    )
     if attention_mask.shape[1] < time - 1:
         raise ValueError(
-            f"attention_mask must have at least T-1={time - 1} columns (B, T'); "
-            f"got shape {tuple(attention_mask.shape)}"
+            f"attention_mask must have at least T-1={time - 1} columns "
+            f"(B, T'); got shape {tuple(attention_mask.shape)}"
         )
     target_mask = attention_mask[:, -(time - 1) :].to(logits.device) != 0
     kept_logits = logits[..., :-1, :][target_mask].contiguous()
     kept_labels = labels[..., 1:][target_mask.to(labels.device)].contiguous()
-    return nn.CrossEntropyLoss(ignore_index=ignore_index)(
-        kept_logits.view(-1, vocab), kept_labels.view(-1).to(kept_logits.device)
+    loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    return loss(
+        kept_logits.view(-1, vocab),
+        kept_labels.view(-1).to(kept_logits.device),
     )
 
 
 def unshifted_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Cross-entropy of ``logits[b, t]`` against ``labels[b, t]``, no shift.
 
@@ -213,10 +238,10 @@ def unshifted_token_loss(
     Returns:
         0-D tensor: mean over kept positions (``nan`` when none is kept).
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
     _, _, vocab = check_logits_and_labels(logits, labels, min_time=1)
     require_labels_in_range(labels, vocab, ignore_index, "labels")
     return nn.functional.cross_entropy(
-        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index
+        logits.reshape(-1, vocab), labels.reshape(-1),
+        ignore_index=ignore_index,
     )

@@ -1,10 +1,11 @@
-"""Cross-entropy from its definition, and the same loss in PyTorch, TensorFlow and Keras.
+"""Cross-entropy from its definition, and the same loss in PyTorch,
+TensorFlow and Keras.
 
 For ``N`` rows of scores ``x`` over ``C`` classes and targets ``y``::
 
     log_softmax(x)_c = x_c - log(sum_k exp(x_k))
-    l_n              = -w[y_n] * log_softmax(x_n)_{y_n}      (rows with y_n == ignore_index: 0)
-    mean             = sum_n l_n / sum_n w[y_n]              (over rows that are not ignored)
+    l_n  = -w[y_n] * log_softmax(x_n)_{y_n}   (0 if y_n == ignore_index)
+    mean = sum_n l_n / sum_n w[y_n]           (over rows not ignored)
 
 which is what ``torch.nn.CrossEntropyLoss`` computes: ``LogSoftmax`` followed
 by ``NLLLoss``.  This module writes each step in plain PyTorch so it can be
@@ -63,23 +64,35 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 
 def _check_ignore_index(ignore_index: Any) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+        raise TypeError(
+            "ignore_index must be an int; got "
+            f"{type(ignore_index).__name__}"
+        )
     return ignore_index
 
 
-def _check_reduction(reduction: Any, allowed: tuple[str, ...] = REDUCTIONS) -> str:
+def _check_reduction(
+    reduction: Any, allowed: tuple[str, ...] = REDUCTIONS
+) -> str:
     if reduction not in allowed:
-        raise ValueError(f"reduction must be one of {allowed}; got {reduction!r}")
+        raise ValueError(
+            f"reduction must be one of {allowed}; got {reduction!r}"
+        )
     return reduction
 
 
 def _check_label_smoothing(label_smoothing: Any) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(
+        label_smoothing, (int, float)
+    ):
         raise TypeError(
-            f"label_smoothing must be a float in [0, 1]; got {type(label_smoothing).__name__}"
+            "label_smoothing must be a float in [0, 1]; got "
+            f"{type(label_smoothing).__name__}"
         )
     if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}")
+        raise ValueError(
+            f"label_smoothing must lie in [0, 1]; got {label_smoothing}"
+        )
     return float(label_smoothing)
 
 
@@ -89,11 +102,14 @@ def _check_weight(weight: Any, num_classes: int, dtype: torch.dtype) -> None:
     require_floating(weight, "weight")
     if weight.shape[0] != num_classes:
         raise ValueError(
-            f"weight must have shape (C,) = ({num_classes},), one weight per class of "
-            f"logits; got shape {tuple(weight.shape)}"
+            f"weight must have shape (C,) = ({num_classes},), one weight "
+            f"per class of logits; got shape {tuple(weight.shape)}"
         )
     if weight.dtype != dtype:
-        raise TypeError(f"weight must have the dtype of logits ({dtype}); got {weight.dtype}")
+        raise TypeError(
+            f"weight must have the dtype of logits ({dtype}); "
+            f"got {weight.dtype}"
+        )
 
 
 def check_cross_entropy_inputs(
@@ -122,8 +138,8 @@ def check_cross_entropy_inputs(
             ``targets``, or a ``weight`` whose dtype differs from ``scores``'.
         ValueError: wrong ranks, ``targets`` not of length ``N``, ``C == 0``,
             a target outside ``[0, C)`` that is not ``ignore_index``, a wrong
-            ``weight`` length, an unknown ``reduction`` or a ``label_smoothing``
-            outside ``[0, 1]``.
+            ``weight`` length, an unknown ``reduction`` or a
+            ``label_smoothing`` outside ``[0, 1]``.
     """
     require_tensor(scores, scores_name)
     require_rank(scores, 2, scores_name, "(N, C)")
@@ -134,7 +150,9 @@ def check_cross_entropy_inputs(
     num_rows, num_classes = scores.shape
     require_leading_dims(targets, (num_rows,), "targets", scores_name, "(N,)")
     if num_classes == 0:
-        raise ValueError(f"{scores_name} must have at least one class (C >= 1); got C=0")
+        raise ValueError(
+            f"{scores_name} must have at least one class (C >= 1); got C=0"
+        )
     ignore_index = _check_ignore_index(ignore_index)
     require_labels_in_range(targets, num_classes, ignore_index, "targets")
     if weight is not None:
@@ -161,22 +179,26 @@ def naive_log_softmax(logits: torch.Tensor) -> torch.Tensor:
         logits: ``(..., C)`` float.
 
     Returns:
-        ``(..., C)`` of ``logits``' dtype; ``nan``/``-inf`` where the formula breaks.
+        ``(..., C)`` of ``logits``' dtype; ``nan``/``-inf`` where the
+        formula breaks.
     """
     require_tensor(logits, "logits")
     require_floating(logits, "logits")
     if logits.dim() == 0:
-        raise ValueError("logits must have a class axis (shape (..., C)); got a 0-D tensor")
+        raise ValueError(
+            "logits must have a class axis (shape (..., C)); got a 0-D tensor"
+        )
     exps = torch.exp(logits)
     return torch.log(exps / exps.sum(dim=-1, keepdim=True))
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Stable log-softmax over the last axis: ``x - m - log(sum_k exp(x_k - m))``.
+    """Stable log-softmax over the last axis.
 
-    ``m`` is the row maximum, so every exponent is ``<= 0`` and ``exp`` cannot
-    overflow; the largest term is ``exp(0) = 1``, so the sum is ``>= 1`` and its
-    log cannot be ``-inf``.
+    Computes ``x - m - log(sum_k exp(x_k - m))``.  ``m`` is the row maximum,
+    so every exponent is ``<= 0`` and ``exp`` cannot overflow; the largest
+    term is ``exp(0) = 1``, so the sum is ``>= 1`` and its log cannot be
+    ``-inf``.
 
     Args:
         logits: ``(..., C)`` float.
@@ -187,7 +209,9 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     require_tensor(logits, "logits")
     require_floating(logits, "logits")
     if logits.dim() == 0:
-        raise ValueError("logits must have a class axis (shape (..., C)); got a 0-D tensor")
+        raise ValueError(
+            "logits must have a class axis (shape (..., C)); got a 0-D tensor"
+        )
     # The shift cancels exactly in the formula; detaching it keeps a rounding
     # residue of that cancellation out of the gradient.
     shift = logits.detach().amax(dim=-1, keepdim=True)
@@ -195,8 +219,10 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return shifted - torch.log(torch.exp(shifted).sum(dim=-1, keepdim=True))
 
 
-def _kept_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kept, safe_targets)``: which rows count, and targets usable as indices.
+def _kept_rows(
+    targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, safe_targets)``: which rows count, and usable indices.
 
     Ignored rows get the placeholder class 0 so that ``gather`` and indexing
     work; every quantity taken from a placeholder is multiplied or masked away.
@@ -207,15 +233,21 @@ def _kept_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, 
 
 
 def _row_weights(
-    safe_targets: torch.Tensor, kept: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype
+    safe_targets: torch.Tensor,
+    kept: torch.Tensor,
+    weight: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """``w[y_n]`` for kept rows, 0 for ignored ones: ``(N,)`` of ``dtype``."""
     if weight is None:
         return kept.to(dtype)
-    return torch.where(kept, weight[safe_targets], torch.zeros((), dtype=dtype))
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(kept, weight[safe_targets], zero)
 
 
-def _reduce(per_row: torch.Tensor, row_weights: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(
+    per_row: torch.Tensor, row_weights: torch.Tensor, reduction: str
+) -> torch.Tensor:
     if reduction == "none":
         return per_row
     if reduction == "sum":
@@ -235,7 +267,8 @@ def nll_loss(
     """Negative log-likelihood of the targets, with ``nn.NLLLoss`` semantics.
 
     Args:
-        log_probs: ``(N, C)`` float log-probabilities (e.g. :func:`log_softmax`).
+        log_probs: ``(N, C)`` float log-probabilities (e.g.
+            :func:`log_softmax`).
         targets: ``(N,)`` int, ``ignore_index`` = skipped.
         weight: optional ``(C,)`` float per-class weights (same dtype).
         ignore_index: target value that contributes nothing.
@@ -244,7 +277,8 @@ def nll_loss(
             sum divided by ``sum_n w[y_n]`` over kept rows (``nan`` if none).
 
     Returns:
-        A 0-D tensor, or ``(N,)`` for ``reduction="none"``; dtype of ``log_probs``.
+        A 0-D tensor, or ``(N,)`` for ``reduction="none"``; dtype of
+        ``log_probs``.
     """
     check_cross_entropy_inputs(
         log_probs, targets, scores_name="log_probs", weight=weight,
@@ -254,7 +288,9 @@ def nll_loss(
     row_weights = _row_weights(safe_targets, kept, weight, log_probs.dtype)
     picked = log_probs.gather(1, safe_targets.unsqueeze(1)).squeeze(1)
     # where(), not a product with 0: a placeholder log-probability may be -inf.
-    per_row = torch.where(kept, -picked * row_weights, torch.zeros_like(picked))
+    per_row = torch.where(
+        kept, -picked * row_weights, torch.zeros_like(picked)
+    )
     return _reduce(per_row, row_weights, reduction)
 
 
@@ -270,8 +306,9 @@ def cross_entropy(
     """Cross-entropy from scratch, with ``nn.CrossEntropyLoss`` semantics.
 
     Row ``n`` scores ``-sum_c w_c q_{n,c} log p_{n,c}`` with the target
-    distribution ``q_n = (1 - eps) * onehot(y_n) + eps / C``; for ``eps = 0`` this
-    is ``-w[y_n] log p_{n, y_n}``, i.e. :func:`nll_loss` of :func:`log_softmax`.
+    distribution ``q_n = (1 - eps) * onehot(y_n) + eps / C``; for
+    ``eps = 0`` this is ``-w[y_n] log p_{n, y_n}``, i.e. :func:`nll_loss`
+    of :func:`log_softmax`.
     ``"mean"`` divides by ``sum_n w[y_n]`` over kept rows, with or without
     smoothing, as PyTorch does.
 
@@ -280,11 +317,13 @@ def cross_entropy(
         targets: ``(N,)`` int, ``ignore_index`` = skipped.
         weight: optional ``(C,)`` float per-class weights (same dtype).
         ignore_index: target value that contributes nothing.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, 0 on ignored rows).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, 0 on
+            ignored rows).
         label_smoothing: ``eps`` in ``[0, 1]``.
 
     Returns:
-        A 0-D tensor, or ``(N,)`` for ``reduction="none"``; dtype of ``logits``.
+        A 0-D tensor, or ``(N,)`` for ``reduction="none"``; dtype of
+        ``logits``.
     """
     num_rows, num_classes = check_cross_entropy_inputs(
         logits, targets, weight=weight, ignore_index=ignore_index,
@@ -293,14 +332,22 @@ def cross_entropy(
     log_probs = log_softmax(logits)
     if label_smoothing == 0:
         return nll_loss(
-            log_probs, targets, weight=weight, ignore_index=ignore_index, reduction=reduction
+            log_probs, targets, weight=weight, ignore_index=ignore_index,
+            reduction=reduction,
         )
     kept, safe_targets = _kept_rows(targets, ignore_index)
     row_weights = _row_weights(safe_targets, kept, weight, logits.dtype)
-    nll = nll_loss(log_probs, targets, weight=weight, ignore_index=ignore_index, reduction="none")
-    class_weights = log_probs.new_ones(num_classes) if weight is None else weight
+    nll = nll_loss(
+        log_probs, targets, weight=weight, ignore_index=ignore_index,
+        reduction="none",
+    )
+    class_weights = (
+        log_probs.new_ones(num_classes) if weight is None else weight
+    )
     uniform_part = -(log_probs * class_weights).sum(dim=1)
-    uniform_part = torch.where(kept, uniform_part, torch.zeros_like(uniform_part))
+    uniform_part = torch.where(
+        kept, uniform_part, torch.zeros_like(uniform_part)
+    )
     eps = float(label_smoothing)
     per_row = (1.0 - eps) * nll + (eps / num_classes) * uniform_part
     return _reduce(per_row, row_weights, reduction)
@@ -313,7 +360,9 @@ def naive_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """:func:`nll_loss` of :func:`naive_log_softmax`: right in exact arithmetic, fragile in floats.
+    """:func:`nll_loss` of :func:`naive_log_softmax`.
+
+    Right in exact arithmetic, fragile in floating point.
 
     Args:
         logits: ``(N, C)`` float.
@@ -322,11 +371,15 @@ def naive_cross_entropy(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Returns:
-        Like :func:`cross_entropy`, with ``inf``/``nan`` where ``exp`` over- or underflows.
+        Like :func:`cross_entropy`, with ``inf``/``nan`` where ``exp``
+        over- or underflows.
     """
-    check_cross_entropy_inputs(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    check_cross_entropy_inputs(
+        logits, targets, ignore_index=ignore_index, reduction=reduction
+    )
     return nll_loss(
-        naive_log_softmax(logits), targets, ignore_index=ignore_index, reduction=reduction
+        naive_log_softmax(logits), targets, ignore_index=ignore_index,
+        reduction=reduction,
     )
 
 
@@ -352,9 +405,13 @@ def naive_versus_stable_by_scale(
     """
     s = np.asarray(scales, dtype=np.float64)
     if s.ndim != 1:
-        raise ValueError(f"scales must be a 1-D array (S,); got shape {s.shape}")
+        raise ValueError(
+            f"scales must be a 1-D array (S,); got shape {s.shape}"
+        )
     if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch dtype; got {dtype}")
+        raise TypeError(
+            f"dtype must be a floating-point torch dtype; got {dtype}"
+        )
     row = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
     targets = torch.tensor([0, 2])
     naive, stable = [], []
@@ -374,7 +431,7 @@ def cross_entropy_grad(
     reduction: Literal["mean", "sum"] = "mean",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """The analytic gradient of :func:`cross_entropy` with respect to ``logits``.
+    """The analytic gradient of :func:`cross_entropy` w.r.t. ``logits``.
 
     With ``p_n = softmax(x_n)``, ``a_n = w[y_n]`` on kept rows and 0 on ignored
     ones, and ``eps`` the label smoothing::
@@ -407,13 +464,18 @@ def cross_entropy_grad(
     probs = torch.exp(log_softmax(logits))
     kept, safe_targets = _kept_rows(targets, ignore_index)
     row_weights = _row_weights(safe_targets, kept, weight, logits.dtype)
-    onehot = torch.nn.functional.one_hot(safe_targets, num_classes).to(logits.dtype)
+    onehot = torch.nn.functional.one_hot(safe_targets, num_classes)
+    onehot = onehot.to(logits.dtype)
     eps = float(label_smoothing)
     grad = (1.0 - eps) * row_weights.unsqueeze(1) * (probs - onehot)
     if eps > 0:
-        class_weights = logits.new_ones(num_classes) if weight is None else weight
+        class_weights = (
+            logits.new_ones(num_classes) if weight is None else weight
+        )
         total_weight = class_weights.sum()
-        smooth = (eps / num_classes) * (total_weight * probs - class_weights.unsqueeze(0))
+        smooth = (eps / num_classes) * (
+            total_weight * probs - class_weights.unsqueeze(0)
+        )
         grad = grad + kept.unsqueeze(1).to(logits.dtype) * smooth
     # where(), not a product with 0: keeps ignored rows exactly +0.0.
     grad = torch.where(kept.unsqueeze(1), grad, torch.zeros_like(grad))
@@ -450,10 +512,12 @@ def flatten_class_axis(
     batch, num_classes, time = logits.shape
     if tuple(targets.shape) != (batch, time):
         raise ValueError(
-            f"targets must have shape (B, T) = {(batch, time)} to match logits (B, C, T) "
-            f"{tuple(logits.shape)}; got shape {tuple(targets.shape)}"
+            f"targets must have shape (B, T) = {(batch, time)} to match "
+            f"logits (B, C, T) {tuple(logits.shape)}; "
+            f"got shape {tuple(targets.shape)}"
         )
-    return logits.permute(0, 2, 1).reshape(-1, num_classes), targets.reshape(-1)
+    flat_logits = logits.permute(0, 2, 1).reshape(-1, num_classes)
+    return flat_logits, targets.reshape(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -472,9 +536,10 @@ def reference_label_smoothed_cross_entropy(
 ) -> np.ndarray | float:
     """Slow float64 NumPy reference for cross-entropy with label smoothing.
 
-    Row ``n`` builds its target distribution ``q = (1 - eps) * onehot(y_n) + eps / C``
-    and scores ``-sum_c w_c q_c log p_c``; ``"mean"`` divides the sum over kept
-    rows by ``sum_n w[y_n]``.  For ``eps = 0`` it equals
+    Row ``n`` builds its target distribution
+    ``q = (1 - eps) * onehot(y_n) + eps / C`` and scores
+    ``-sum_c w_c q_c log p_c``; ``"mean"`` divides the sum over kept rows by
+    ``sum_n w[y_n]``.  For ``eps = 0`` it equals
     :func:`companion.reference.cross_entropy`.
 
     Args:
@@ -482,22 +547,32 @@ def reference_label_smoothed_cross_entropy(
         targets: ``(N,)`` int class indices; ``ignore_index`` rows are skipped.
         weight: optional ``(C,)`` per-class weights.
         ignore_index: target value that contributes nothing.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, 0 on ignored rows).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, 0 on
+            ignored rows).
         label_smoothing: ``eps`` in ``[0, 1]``.
 
     Returns:
-        A float (``nan`` for ``"mean"`` when every row is ignored), or an ``(N,)`` array.
+        A float (``nan`` for ``"mean"`` when every row is ignored), or an
+        ``(N,)`` array.
     """
     x = np.asarray(logits, dtype=np.float64)
     y = np.asarray(targets)
     if x.ndim != 2:
-        raise ValueError(f"logits must be a 2-D array (N, C); got shape {x.shape}")
+        raise ValueError(
+            f"logits must be a 2-D array (N, C); got shape {x.shape}"
+        )
     if y.shape != (x.shape[0],):
-        raise ValueError(f"targets must have shape (N,) = ({x.shape[0]},); got shape {y.shape}")
+        raise ValueError(
+            f"targets must have shape (N,) = ({x.shape[0]},); "
+            f"got shape {y.shape}"
+        )
     _check_reduction(reduction)
     eps = _check_label_smoothing(label_smoothing)
     n_rows, n_classes = x.shape
-    w = np.ones(n_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+    w = (
+        np.ones(n_classes) if weight is None
+        else np.asarray(weight, dtype=np.float64)
+    )
     logp = _reference.log_softmax(x)
     per_row = np.zeros(n_rows)
     denominator = 0.0
@@ -535,53 +610,88 @@ class ImplementationResult:
     mean: float
 
 
-def _check_numpy_inputs(logits: Any, targets: Any, ignore_index: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Validate NumPy inputs with the tensor checks, before any framework runs."""
+def _check_numpy_inputs(
+    logits: Any, targets: Any, ignore_index: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate NumPy inputs with the tensor checks, before any framework."""
     if not isinstance(logits, np.ndarray):
-        raise TypeError(f"logits must be a numpy.ndarray (N, C); got {type(logits).__name__}")
+        raise TypeError(
+            "logits must be a numpy.ndarray (N, C); got "
+            f"{type(logits).__name__}"
+        )
     if not isinstance(targets, np.ndarray):
-        raise TypeError(f"targets must be a numpy.ndarray (N,); got {type(targets).__name__}")
+        raise TypeError(
+            "targets must be a numpy.ndarray (N,); got "
+            f"{type(targets).__name__}"
+        )
     if logits.dtype not in (np.float32, np.float64):
-        raise TypeError(f"logits must be float32 or float64; got {logits.dtype}")
+        raise TypeError(
+            f"logits must be float32 or float64; got {logits.dtype}"
+        )
     if not np.issubdtype(targets.dtype, np.integer):
-        raise TypeError(f"targets must hold integer class indices; got {targets.dtype}")
+        raise TypeError(
+            f"targets must hold integer class indices; got {targets.dtype}"
+        )
     # Private writable copies: torch.from_numpy warns on read-only arrays.
     logits, targets = np.array(logits), targets.astype(np.int64)
     check_cross_entropy_inputs(
-        torch.from_numpy(logits), torch.from_numpy(targets), ignore_index=ignore_index
+        torch.from_numpy(logits), torch.from_numpy(targets),
+        ignore_index=ignore_index,
     )
     return logits, targets
 
 
-def _torch_from_scratch(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
+def _torch_from_scratch(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
     x, y = torch.from_numpy(logits), torch.from_numpy(targets)
-    per_row = cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
+    per_row = cross_entropy(
+        x, y, ignore_index=ignore_index, reduction="none"
+    )
     return per_row, cross_entropy(x, y, ignore_index=ignore_index)
 
 
-def _torch_naive(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
+def _torch_naive(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
     x, y = torch.from_numpy(logits), torch.from_numpy(targets)
-    per_row = naive_cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
+    per_row = naive_cross_entropy(
+        x, y, ignore_index=ignore_index, reduction="none"
+    )
     return per_row, naive_cross_entropy(x, y, ignore_index=ignore_index)
 
 
-def _torch_cross_entropy_loss(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
+def _torch_cross_entropy_loss(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
     x, y = torch.from_numpy(logits), torch.from_numpy(targets)
-    per_row = torch.nn.CrossEntropyLoss(ignore_index=ignore_index, reduction="none")(x, y)
-    return per_row, torch.nn.CrossEntropyLoss(ignore_index=ignore_index)(x, y)
+    per_row = torch.nn.CrossEntropyLoss(
+        ignore_index=ignore_index, reduction="none"
+    )(x, y)
+    mean = torch.nn.CrossEntropyLoss(ignore_index=ignore_index)(x, y)
+    return per_row, mean
 
 
-def _torch_nll_of_log_softmax(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
+def _torch_nll_of_log_softmax(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
     x, y = torch.from_numpy(logits), torch.from_numpy(targets)
     log_probs = torch.nn.LogSoftmax(dim=1)(x)
-    per_row = torch.nn.NLLLoss(ignore_index=ignore_index, reduction="none")(log_probs, y)
-    return per_row, torch.nn.NLLLoss(ignore_index=ignore_index)(log_probs, y)
+    per_row = torch.nn.NLLLoss(
+        ignore_index=ignore_index, reduction="none"
+    )(log_probs, y)
+    mean = torch.nn.NLLLoss(ignore_index=ignore_index)(log_probs, y)
+    return per_row, mean
 
 
 def tf_sparse_softmax_cross_entropy(
-    logits: np.ndarray, targets: np.ndarray, *, ignore_index: int = IGNORE_INDEX
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Any, Any]:
-    """``tf.nn.sparse_softmax_cross_entropy_with_logits`` with an ignore index added.
+    """``tf.nn.sparse_softmax_cross_entropy_with_logits`` with an ignore
+    index added.
 
     ``tf.nn`` has neither an ignore index nor a reduction, and on CPU it
     raises for a label outside ``[0, C)``: ignored rows get class 0, and
@@ -589,7 +699,8 @@ def tf_sparse_softmax_cross_entropy(
 
     Args:
         logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``.
-        targets: ``(N,)`` integer ``numpy.ndarray``, ``ignore_index`` = skipped.
+        targets: ``(N,)`` integer ``numpy.ndarray``,
+            ``ignore_index`` = skipped.
         ignore_index: target value that contributes nothing.
 
     Returns:
@@ -601,7 +712,9 @@ def tf_sparse_softmax_cross_entropy(
 
     kept = tf.not_equal(targets, ignore_index)
     safe_targets = tf.where(kept, targets, tf.zeros_like(targets))
-    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_targets, logits=logits)
+    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=safe_targets, logits=logits
+    )
     per_row = tf.where(kept, per_row, tf.zeros_like(per_row))
     kept_count = tf.reduce_sum(tf.cast(kept, per_row.dtype))
     return per_row, tf.reduce_sum(per_row) / kept_count
@@ -614,7 +727,8 @@ def keras_sparse_categorical_crossentropy(
     from_logits: bool,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Any, Any]:
-    """``keras.losses.SparseCategoricalCrossentropy`` on logits or on their softmax.
+    """``keras.losses.SparseCategoricalCrossentropy`` on logits or on
+    their softmax.
 
     With ``from_logits=False`` the loss receives ``tf.nn.softmax(logits)``:
     unlike ``keras.ops.softmax``, it leaves no logits behind for Keras to
@@ -625,7 +739,8 @@ def keras_sparse_categorical_crossentropy(
             object computes in this dtype.
         targets: ``(N,)`` integer ``numpy.ndarray``, ``ignore_index`` = skipped
             (passed as ``ignore_class``).
-        from_logits: give Keras the logits (``True``) or probabilities (``False``).
+        from_logits: give Keras the logits (``True``) or probabilities
+            (``False``).
         ignore_index: target value that contributes nothing.
 
     Returns:
@@ -633,37 +748,51 @@ def keras_sparse_categorical_crossentropy(
         ignored rows) and the default ``"sum_over_batch_size"`` reduction.
     """
     if not isinstance(from_logits, bool):
-        raise TypeError(f"from_logits must be a bool; got {type(from_logits).__name__}")
+        raise TypeError(
+            f"from_logits must be a bool; got {type(from_logits).__name__}"
+        )
     logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
     import keras
     import tensorflow as tf
 
     y_pred = logits if from_logits else tf.nn.softmax(logits)
-    options = dict(from_logits=from_logits, ignore_class=ignore_index, dtype=logits.dtype.name)
-    per_row = keras.losses.SparseCategoricalCrossentropy(reduction="none", **options)(
-        targets, y_pred
+    options = dict(
+        from_logits=from_logits, ignore_class=ignore_index,
+        dtype=logits.dtype.name,
     )
-    mean = keras.losses.SparseCategoricalCrossentropy(**options)(targets, y_pred)
+    scce = keras.losses.SparseCategoricalCrossentropy
+    per_row = scce(reduction="none", **options)(targets, y_pred)
+    mean = scce(**options)(targets, y_pred)
     return per_row, mean
 
 
-def _tf_sparse_softmax(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
-    return tf_sparse_softmax_cross_entropy(logits, targets, ignore_index=ignore_index)
+def _tf_sparse_softmax(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
+    return tf_sparse_softmax_cross_entropy(
+        logits, targets, ignore_index=ignore_index
+    )
 
 
-def _keras_from_logits(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
+def _keras_from_logits(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
     return keras_sparse_categorical_crossentropy(
         logits, targets, from_logits=True, ignore_index=ignore_index
     )
 
 
-def _keras_from_probs(logits: np.ndarray, targets: np.ndarray, ignore_index: int) -> tuple[Any, Any]:
+def _keras_from_probs(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
     return keras_sparse_categorical_crossentropy(
         logits, targets, from_logits=False, ignore_index=ignore_index
     )
 
 
-IMPLEMENTATIONS: dict[str, Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]] = {
+_Implementation = Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]
+
+IMPLEMENTATIONS: dict[str, _Implementation] = {
     "companion cross_entropy": _torch_from_scratch,
     "torch CrossEntropyLoss": _torch_cross_entropy_loss,
     "torch NLLLoss(LogSoftmax)": _torch_nll_of_log_softmax,
@@ -674,10 +803,10 @@ IMPLEMENTATIONS: dict[str, Callable[[np.ndarray, np.ndarray, int], tuple[Any, An
 }
 """Every implementation :func:`compare_implementations` runs, by name.
 
-Each takes ``(logits (N, C) float32|float64, targets (N,) int64, ignore_index)``
-and returns ``(per_row, mean)`` in its own framework's tensor type.  The Keras
-entries pass ``ignore_class=ignore_index``; ``from_logits=False`` receives
-``tf.nn.softmax(logits)``.
+Each takes ``(logits (N, C) float32|float64, targets (N,) int64,
+ignore_index)`` and returns ``(per_row, mean)`` in its own framework's
+tensor type.  The Keras entries pass ``ignore_class=ignore_index``;
+``from_logits=False`` receives ``tf.nn.softmax(logits)``.
 """
 
 
@@ -688,7 +817,11 @@ def _to_float64(value: Any) -> np.ndarray:
 
 
 def run_implementation(
-    name: str, logits: np.ndarray, targets: np.ndarray, *, ignore_index: int = IGNORE_INDEX
+    name: str,
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ignore_index: int = IGNORE_INDEX,
 ) -> ImplementationResult:
     """Run one implementation of :data:`IMPLEMENTATIONS` on NumPy inputs.
 
@@ -696,17 +829,23 @@ def run_implementation(
         name: a key of :data:`IMPLEMENTATIONS`.
         logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``; every
             implementation computes in this dtype.
-        targets: ``(N,)`` integer ``numpy.ndarray``, ``ignore_index`` = skipped.
+        targets: ``(N,)`` integer ``numpy.ndarray``,
+            ``ignore_index`` = skipped.
         ignore_index: target value that contributes nothing.
 
     Returns:
         The :class:`ImplementationResult`, converted to float64 NumPy.
     """
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"name must be one of {tuple(IMPLEMENTATIONS)}; got {name!r}")
+        raise ValueError(
+            f"name must be one of {tuple(IMPLEMENTATIONS)}; got {name!r}"
+        )
     logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
     per_row, mean = IMPLEMENTATIONS[name](logits, targets, ignore_index)
-    return ImplementationResult(name=name, per_row=_to_float64(per_row), mean=float(_to_float64(mean)))
+    return ImplementationResult(
+        name=name, per_row=_to_float64(per_row),
+        mean=float(_to_float64(mean)),
+    )
 
 
 def compare_implementations(
@@ -720,7 +859,8 @@ def compare_implementations(
 
     Args:
         logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``.
-        targets: ``(N,)`` integer ``numpy.ndarray``, ``ignore_index`` = skipped.
+        targets: ``(N,)`` integer ``numpy.ndarray``,
+            ``ignore_index`` = skipped.
         ignore_index: target value that contributes nothing.
         names: which implementations (default: all of :data:`IMPLEMENTATIONS`).
 
@@ -735,21 +875,27 @@ def compare_implementations(
 
     logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
     selected = tuple(IMPLEMENTATIONS) if names is None else names
-    ref_rows = np.asarray(
-        _reference.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
-    )
-    ref_mean = float(_reference.cross_entropy(logits, targets, ignore_index=ignore_index))
+    ref_rows = np.asarray(_reference.cross_entropy(
+        logits, targets, ignore_index=ignore_index, reduction="none"
+    ))
+    ref_mean = float(_reference.cross_entropy(
+        logits, targets, ignore_index=ignore_index
+    ))
     records = [
         {"implementation": "reference (NumPy float64)", "dtype": "float64",
          "mean loss": ref_mean, "|mean - ref|": 0.0, "max |row - ref|": 0.0}
     ]
     for name in selected:
-        result = run_implementation(name, logits, targets, ignore_index=ignore_index)
+        result = run_implementation(
+            name, logits, targets, ignore_index=ignore_index
+        )
         row_errors = np.abs(result.per_row - ref_rows)
         records.append(
-            {"implementation": name, "dtype": logits.dtype.name, "mean loss": result.mean,
+            {"implementation": name, "dtype": logits.dtype.name,
+             "mean loss": result.mean,
              "|mean - ref|": abs(result.mean - ref_mean),
-             # np.max propagates nan, so a nan row shows as nan; initial covers N = 0.
+             # np.max propagates nan, so a nan row shows as nan;
+             # initial covers N = 0.
              "max |row - ref|": float(np.max(row_errors, initial=0.0))}
         )
     return pd.DataFrame.from_records(records).set_index("implementation")
@@ -766,7 +912,9 @@ def format_difference(value: float) -> str:
     if math.isnan(value) or math.isinf(value):
         return str(value)
     if value < 0:
-        raise ValueError(f"value must be a non-negative difference; got {value}")
+        raise ValueError(
+            f"value must be a non-negative difference; got {value}"
+        )
     if value == 0.0:
         return "0"
     if value < 1e-3:
@@ -778,7 +926,8 @@ def format_comparison(table: Any) -> Any:
     """:func:`compare_implementations`' table with display-stable strings.
 
     Args:
-        table: the ``pandas.DataFrame`` that :func:`compare_implementations` returns.
+        table: the ``pandas.DataFrame`` that
+            :func:`compare_implementations` returns.
 
     Returns:
         A copy whose ``mean loss`` has 4 decimals and whose difference

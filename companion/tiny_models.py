@@ -35,6 +35,10 @@ IMAGE_TOKEN_ID: int = VOCAB_SIZE - 1
 IMAGE_SIZE: int = 8
 PATCH_SIZE: int = 4
 HIDDEN_SIZE: int = 16
+#: Transformer layers of the tiny vision towers (CLIP, InstructBLIP).
+VISION_LAYERS: int = 2
+#: Transformer layers of the tiny text models (Llama, T5, GPT BigCode, ...).
+TEXT_LAYERS: int = 1
 
 #: Standard deviation of the random weights of the text models.  The
 #: libraries' default (0.02) makes every logit nearly 0 and every loss nearly
@@ -44,7 +48,9 @@ HIDDEN_SIZE: int = 16
 TEXT_INIT_STD: float = 0.4
 
 #: Segment codes of :class:`LlavaTrainingBatch` ``segments``.
-SEGMENT_CODES: dict[str, int] = {"bos": 0, "image": 1, "prompt": 2, "answer": 3, "padding": 4}
+SEGMENT_CODES: dict[str, int] = {
+    "bos": 0, "image": 1, "prompt": 2, "answer": 3, "padding": 4,
+}
 
 
 def _special_ids() -> dict[str, int]:
@@ -56,30 +62,48 @@ def _special_ids() -> dict[str, int]:
 
 
 def _vision_kwargs() -> dict[str, Any]:
-    """A two-layer vision transformer on 8x8 images cut into 4x4 patches."""
+    """A :data:`VISION_LAYERS`-layer vision transformer.
+
+    Images of :data:`IMAGE_SIZE` pixels square are cut into patches of
+    :data:`PATCH_SIZE` pixels square.
+    """
     return {
         "hidden_size": HIDDEN_SIZE,
         "intermediate_size": 2 * HIDDEN_SIZE,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": VISION_LAYERS,
         "num_attention_heads": 2,
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH_SIZE,
     }
 
 
-def tiny_llama_config() -> Any:
-    """A one-layer ``LlamaConfig`` with :data:`VOCAB_SIZE` tokens, hidden size 16."""
+def tiny_llama_config(init_std: float = TEXT_INIT_STD) -> Any:
+    """A tiny ``LlamaConfig`` with :data:`VOCAB_SIZE` token ids.
+
+    :data:`TEXT_LAYERS` layer(s), hidden size :data:`HIDDEN_SIZE`.
+
+    Args:
+        init_std: standard deviation of the random weights
+            (``initializer_range``); default :data:`TEXT_INIT_STD`.
+    """
     from transformers import LlamaConfig
+
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)):
+        raise TypeError(
+            f"init_std must be a float; got {type(init_std).__name__}"
+        )
+    if not init_std > 0:
+        raise ValueError(f"init_std must be > 0; got {init_std}")
 
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=HIDDEN_SIZE,
         intermediate_size=2 * HIDDEN_SIZE,
-        num_hidden_layers=1,
+        num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        initializer_range=TEXT_INIT_STD,
+        initializer_range=float(init_std),
         **_special_ids(),
     )
 
@@ -94,22 +118,28 @@ def image_token_count() -> int:
     return (IMAGE_SIZE // PATCH_SIZE) ** 2
 
 
-def tiny_llava(seed: int = 0) -> Any:
-    """A random-weight ``LlavaForConditionalGeneration``: tiny CLIP vision tower + tiny Llama.
+def tiny_llava(seed: int = 0, text_init_std: float = TEXT_INIT_STD) -> Any:
+    """A random-weight ``LlavaForConditionalGeneration``: tiny CLIP + Llama.
 
     Args:
         seed: ``torch.manual_seed`` applied before the weights are drawn.
+        text_init_std: standard deviation of the Llama's random weights;
+            default :data:`TEXT_INIT_STD`.
 
     Returns:
         The model in eval mode, float32.  ``image_token_id`` is
         :data:`IMAGE_TOKEN_ID`; each image fills :func:`image_token_count`
         placeholders.
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_vision_kwargs()),
-        text_config=tiny_llama_config(),
+        text_config=tiny_llama_config(text_init_std),
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -120,11 +150,17 @@ def tiny_llava(seed: int = 0) -> Any:
 
 
 def tiny_vip_llava(seed: int = 0) -> Any:
-    """A random-weight ``VipLlavaForConditionalGeneration`` (features from two vision layers).
+    """A random-weight ``VipLlavaForConditionalGeneration``.
+
+    Its image features come from two vision layers.
 
     Same token layout and image-token count as :func:`tiny_llava`.
     """
-    from transformers import CLIPVisionConfig, VipLlavaConfig, VipLlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        VipLlavaConfig,
+        VipLlavaForConditionalGeneration,
+    )
 
     config = VipLlavaConfig(
         vision_config=CLIPVisionConfig(**_vision_kwargs()),
@@ -172,16 +208,21 @@ def tiny_instructblip(seed: int = 0, language_model: str = "llama") -> Any:
             d_model=HIDDEN_SIZE,
             d_kv=HIDDEN_SIZE // 2,
             d_ff=2 * HIDDEN_SIZE,
-            num_layers=1,
+            num_layers=TEXT_LAYERS,
             num_heads=2,
             decoder_start_token_id=PAD_TOKEN_ID,
             initializer_factor=1.0,
             **_special_ids(),
         )
     else:
-        raise ValueError(f"language_model must be 'llama' or 't5'; got {language_model!r}")
+        raise ValueError(
+            "language_model must be 'llama' or 't5'; "
+            f"got {language_model!r}"
+        )
     config = InstructBlipConfig(
-        vision_config=InstructBlipVisionConfig(**_vision_kwargs(), initializer_range=0.02),
+        vision_config=InstructBlipVisionConfig(
+            **_vision_kwargs(), initializer_range=0.02
+        ),
         qformer_config=InstructBlipQFormerConfig(
             vocab_size=VOCAB_SIZE,
             hidden_size=HIDDEN_SIZE,
@@ -199,13 +240,13 @@ def tiny_instructblip(seed: int = 0, language_model: str = "llama") -> Any:
 
 
 def tiny_gpt_bigcode(seed: int = 0) -> Any:
-    """A random-weight one-layer ``GPTBigCodeForCausalLM`` (multi-query attention)."""
+    """A random-weight ``GPTBigCodeForCausalLM`` (multi-query attention)."""
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     config = GPTBigCodeConfig(
         vocab_size=VOCAB_SIZE,
         n_embd=HIDDEN_SIZE,
-        n_layer=1,
+        n_layer=TEXT_LAYERS,
         n_head=2,
         n_positions=64,
         initializer_range=TEXT_INIT_STD,
@@ -216,13 +257,13 @@ def tiny_gpt_bigcode(seed: int = 0) -> Any:
 
 
 def tiny_gpt_neox_japanese(seed: int = 0) -> Any:
-    """A random-weight one-layer ``GPTNeoXJapaneseForCausalLM``."""
+    """A random-weight ``GPTNeoXJapaneseForCausalLM``."""
     from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
 
     config = GPTNeoXJapaneseConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=HIDDEN_SIZE,
-        num_hidden_layers=1,
+        num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=2,
         intermediate_multiple_size=2,
         max_position_embeddings=64,
@@ -242,8 +283,10 @@ class LlavaTrainingBatch:
 
     Attributes:
         input_ids: ``(B, T)`` int64 token ids.
-        attention_mask: ``(B, T)`` int64, ``1`` = real token, ``0`` = padding.
-        labels: ``(B, T)`` int64, the answer's ids and ``-100`` everywhere else.
+        attention_mask: ``(B, T)`` int64, ``1`` = real token, ``0`` =
+            padding.
+        labels: ``(B, T)`` int64, the answer's ids and ``-100`` everywhere
+            else.
         pixel_values: ``(B, 3, IMAGE_SIZE, IMAGE_SIZE)`` float32 images.
         segments: ``(B, T)`` int64 codes from :data:`SEGMENT_CODES`.
     """
@@ -255,7 +298,7 @@ class LlavaTrainingBatch:
     segments: torch.Tensor
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for a LLaVA or ViP-LLaVA forward pass with labels."""
+        """Keyword arguments of a LLaVA or ViP-LLaVA forward pass."""
         return {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
@@ -277,7 +320,8 @@ def build_llava_batch(
         prompt_lengths: text tokens of each row's prompt (``>= 1`` each).
         answer_lengths: tokens of each row's answer, ``<eos>`` included
             (``>= 1`` each); same length as ``prompt_lengths``.
-        image_tokens: placeholders per image; default :func:`image_token_count`.
+        image_tokens: placeholders per image; default
+            :func:`image_token_count`.
         seed: seed of the random text ids and pixels.
 
     Returns:
@@ -286,23 +330,28 @@ def build_llava_batch(
     """
     if len(prompt_lengths) != len(answer_lengths) or not prompt_lengths:
         raise ValueError(
-            "prompt_lengths and answer_lengths must be non-empty and of equal length; "
+            "prompt_lengths and answer_lengths must be non-empty and of "
+            "equal length; "
             f"got {len(prompt_lengths)} and {len(answer_lengths)}"
         )
-    for i, (p, a) in enumerate(zip(prompt_lengths, answer_lengths, strict=True)):
+    pairs = list(zip(prompt_lengths, answer_lengths, strict=True))
+    for i, (p, a) in enumerate(pairs):
         require_positive_int(p, f"prompt_lengths[{i}]")
         require_positive_int(a, f"answer_lengths[{i}]")
-    n_image = image_token_count() if image_tokens is None else require_positive_int(
-        image_tokens, "image_tokens"
-    )
+    if image_tokens is None:
+        n_image = image_token_count()
+    else:
+        n_image = require_positive_int(image_tokens, "image_tokens")
     generator = torch.Generator().manual_seed(seed)
-    row_lengths = [1 + n_image + p + a for p, a in zip(prompt_lengths, answer_lengths, strict=True)]
+    row_lengths = [1 + n_image + p + a for p, a in pairs]
     batch, time = len(row_lengths), max(row_lengths)
 
     input_ids = torch.full((batch, time), PAD_TOKEN_ID, dtype=torch.long)
-    segments = torch.full((batch, time), SEGMENT_CODES["padding"], dtype=torch.long)
+    segments = torch.full(
+        (batch, time), SEGMENT_CODES["padding"], dtype=torch.long
+    )
     labels = torch.full((batch, time), IGNORE_INDEX, dtype=torch.long)
-    for row, (p, a) in enumerate(zip(prompt_lengths, answer_lengths, strict=True)):
+    for row, (p, a) in enumerate(pairs):
         text = torch.randint(
             FIRST_TEXT_TOKEN_ID, IMAGE_TOKEN_ID, (p + a,), generator=generator
         )
@@ -317,20 +366,46 @@ def build_llava_batch(
         segments[row, 1:image_end] = SEGMENT_CODES["image"]
         segments[row, image_end:prompt_end] = SEGMENT_CODES["prompt"]
         segments[row, prompt_end:answer_end] = SEGMENT_CODES["answer"]
-        labels[row, prompt_end:answer_end] = input_ids[row, prompt_end:answer_end]
+        answer = slice(prompt_end, answer_end)
+        labels[row, answer] = input_ids[row, answer]
     attention_mask = (segments != SEGMENT_CODES["padding"]).long()
-    pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    return LlavaTrainingBatch(input_ids, attention_mask, labels, pixel_values, segments)
+    pixel_values = torch.randn(
+        batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator
+    )
+    return LlavaTrainingBatch(
+        input_ids, attention_mask, labels, pixel_values, segments
+    )
 
 
-def answer_only_labels(batch: LlavaTrainingBatch) -> torch.Tensor:
-    """The answers of ``batch`` alone, left-aligned: decoder labels of an encoder-decoder.
+def first_answer_position(batch: LlavaTrainingBatch) -> int:
+    """The earliest position at which any row's answer starts.
+
+    Truncating every row to this many positions leaves only the
+    begin-of-sequence token, the image and prompts: no target at all.
 
     Args:
         batch: a :class:`LlavaTrainingBatch`.
 
     Returns:
-        ``(B, A)`` int64, ``A`` = the longest answer; ``-100`` after each answer.
+        ``min`` over rows of the index of the row's first answer token.
+    """
+    is_answer = batch.segments == SEGMENT_CODES["answer"]
+    if not bool(is_answer.any(dim=1).all()):
+        raise ValueError("batch must have an answer in every row")
+    return int(is_answer.int().argmax(dim=1).min())
+
+
+def answer_only_labels(batch: LlavaTrainingBatch) -> torch.Tensor:
+    """The answers of ``batch`` alone, left-aligned.
+
+    These are the decoder labels of an encoder-decoder model.
+
+    Args:
+        batch: a :class:`LlavaTrainingBatch`.
+
+    Returns:
+        ``(B, A)`` int64, ``A`` = the longest answer; ``-100`` after each
+        answer.
     """
     answers = [row[row != IGNORE_INDEX] for row in batch.labels]
     longest = max(len(a) for a in answers)
@@ -346,12 +421,15 @@ class FamilyLossCheck:
 
     Attributes:
         model: the transformers class name.
-        language_model: the text model inside it (the model itself for the text-only ones).
+        language_model: the text model inside it (the model itself for the
+            text-only ones).
         model_loss: ``model(...).loss``.
         shift_and_slice: :func:`companion.causal_lm_loss.shift_and_slice_loss`
             on the model's logits and the labels it was given.
-        label_padding: :func:`companion.causal_lm_loss.label_padding_loss` on the same.
-        unshifted: :func:`companion.causal_lm_loss.unshifted_token_loss` on the same.
+        label_padding: :func:`companion.causal_lm_loss.label_padding_loss`
+            on the same.
+        unshifted: :func:`companion.causal_lm_loss.unshifted_token_loss` on
+            the same.
     """
 
     model: str
@@ -362,22 +440,28 @@ class FamilyLossCheck:
     unshifted: float
 
     def as_row(self) -> dict[str, Any]:
-        """The check as one table row.
+        """The check as one table row, narrow enough for a 79-column table.
 
-        ``diff (shifted)`` is ``|model_loss - shift_and_slice|``; ``diff
-        (unshifted)`` is ``|model_loss - unshifted|``.
+        ``model`` is the class name without its ``ForConditionalGeneration``
+        or ``ForCausalLM`` suffix; ``diff shifted`` is
+        ``|model_loss - shift_and_slice|``; ``diff unshifted`` is
+        ``|model_loss - unshifted|``.
         """
+        name = self.model
+        for suffix in ("ForConditionalGeneration", "ForCausalLM"):
+            name = name.removesuffix(suffix)
         return {
-            "model": self.model,
+            "model": name,
             "text model": self.language_model,
             "model loss": self.model_loss,
-            "shift-and-slice": self.shift_and_slice,
-            "diff (shifted)": abs(self.model_loss - self.shift_and_slice),
-            "diff (unshifted)": abs(self.model_loss - self.unshifted),
+            "diff shifted": abs(self.model_loss - self.shift_and_slice),
+            "diff unshifted": abs(self.model_loss - self.unshifted),
         }
 
 
-def check_family_losses(batch: LlavaTrainingBatch, seed: int = 0) -> list[FamilyLossCheck]:
+def check_family_losses(
+    batch: LlavaTrainingBatch, seed: int = 0
+) -> list[FamilyLossCheck]:
     """Run every tiny model of the family on ``batch`` and compare its loss.
 
     Multimodal models get the whole batch; the text-only ones
@@ -405,8 +489,11 @@ def check_family_losses(batch: LlavaTrainingBatch, seed: int = 0) -> list[Family
         "labels": batch.labels,
     }
     multimodal_inputs = batch.model_inputs()
-    instruct_inputs = {**multimodal_inputs, "qformer_input_ids": batch.input_ids,
-                       "qformer_attention_mask": batch.attention_mask}
+    instruct_inputs = {
+        **multimodal_inputs,
+        "qformer_input_ids": batch.input_ids,
+        "qformer_attention_mask": batch.attention_mask,
+    }
     t5_inputs = {**instruct_inputs, "labels": answer_only_labels(batch)}
     runs = [
         (tiny_llava(seed), "Llama", multimodal_inputs),
@@ -426,7 +513,9 @@ def check_family_losses(batch: LlavaTrainingBatch, seed: int = 0) -> list[Family
                     model=type(model).__name__,
                     language_model=language_model,
                     model_loss=float(output.loss),
-                    shift_and_slice=float(shift_and_slice_loss(logits, labels)),
+                    shift_and_slice=float(
+                        shift_and_slice_loss(logits, labels)
+                    ),
                     label_padding=float(label_padding_loss(logits, labels)),
                     unshifted=float(unshifted_token_loss(logits, labels)),
                 )

@@ -231,6 +231,23 @@ def test_half_precision_is_upcast_to_float32():
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
+def test_float64_stays_float64_while_dot_float_casts_it_down():
+    logits, labels, _ = make_batch(2, 5, 4, seed=6, dtype=torch.float64)
+    assert label_padding_loss(logits, labels).dtype == torch.float64
+    # transformers' logits.float() casts every dtype to float32
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert logits.to(dtype).float().dtype == torch.float32
+
+
+def test_printed_sources_fit_in_79_columns():
+    from companion.source import source_of
+
+    for function in (shift_and_slice_loss, label_padding_loss,
+                     attention_mask_filter_loss):
+        lines = source_of(function).splitlines()
+        assert max(len(line) for line in lines) <= 79, function.__name__
+
+
 # --- the library behaviours the chapter states --------------------------------
 
 
@@ -370,6 +387,14 @@ def test_bad_ignore_index_is_rejected():
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         shift_and_slice_loss(torch.zeros(2, 5, 3), torch.zeros(2, 5, dtype=torch.long),
                              ignore_index=-100.0)
+
+
+def test_bad_ignore_index_is_rejected_by_the_unshifted_loss():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        unshifted_token_loss(
+            torch.zeros(2, 5, 3), torch.zeros(2, 5, dtype=torch.long),
+            ignore_index=True,
+        )
 
 
 def test_count_scored_targets_checks_its_argument():

@@ -9,6 +9,7 @@ it fails here.
 from __future__ import annotations
 
 import math
+import pathlib
 
 import keras
 import matplotlib
@@ -260,6 +261,45 @@ def test_torch_rejects_out_of_range_targets():
         F.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 3]))
 
 
+def test_torch_ignored_rows_take_any_finite_logits():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    targets = torch.tensor([IGNORE_INDEX, 1, 2, IGNORE_INDEX])
+    reference_loss = F.cross_entropy(logits, targets)
+    scrambled = logits.clone()
+    scrambled[[0, 3]] = 1e4 * torch.randn(2, 5, dtype=torch.float64,
+                                          generator=gen)
+    scrambled.requires_grad_(True)
+    loss = F.cross_entropy(scrambled, targets)
+    loss.backward()
+    assert torch.equal(loss, reference_loss)
+    assert (scrambled.grad[[0, 3]] == 0).all()
+
+
+@pytest.mark.parametrize("bad_value", [math.inf, math.nan])
+def test_torch_non_finite_logit_in_ignored_row_gives_nan_gradient(
+    bad_value,
+):
+    # The loss stays finite, but the log-softmax backward turns the ignored
+    # row's gradient into nan, and it reaches any parameter of the row.
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, dtype=torch.float64, generator=gen)
+    targets = torch.tensor([IGNORE_INDEX, 1, 2])
+    clean = F.cross_entropy(logits, targets)
+    poisoned = logits.clone()
+    poisoned[0, 2] = bad_value
+    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    with_bias = poisoned + bias
+    with_bias.retain_grad()
+    loss = F.cross_entropy(with_bias, targets)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(clean.item(), abs=1e-12)
+    assert with_bias.grad[0].isnan().all()
+    assert torch.isfinite(with_bias.grad[1:]).all()
+    assert bias.grad.isnan().all()
+
+
 # ---------------------------------------------------------------------------
 # Gradient
 # ---------------------------------------------------------------------------
@@ -420,6 +460,86 @@ def test_keras_recovers_logits_from_keras_softmax():
     via_tf = float(loss_fn(np.array([0]), tf.nn.softmax(logits)))
     assert via_keras == pytest.approx(40.0, abs=1e-5)
     assert via_tf == pytest.approx(-math.log(1e-7), abs=1e-4)
+
+
+def test_keras_recovers_logits_from_a_softmax_op_in_graph_mode():
+    logits = np.array([[0.0, 40.0, 0.0]], dtype=np.float32)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+
+    @tf.function
+    def in_graph(z):
+        return loss_fn(np.array([0]), tf.nn.softmax(z))
+
+    assert float(in_graph(logits)) == pytest.approx(40.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fit", "evaluate"])
+@pytest.mark.parametrize(("run_eagerly", "expected"),
+                         [(False, 40.0), (True, -math.log(1e-7))])
+def test_keras_training_loop_recovers_logits_unless_run_eagerly(
+    method, run_eagerly, expected,
+):
+    bias = np.array([0.0, 40.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    inputs = keras.Input((1,))
+    dense = keras.layers.Dense(5)
+    outputs = keras.layers.Lambda(tf.nn.softmax)(dense(inputs))
+    model = keras.Model(inputs, outputs)
+    dense.set_weights([np.zeros((1, 5), np.float32), bias])
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(),
+                  run_eagerly=run_eagerly)
+    x, y = np.ones((1, 1), np.float32), np.array([0])
+    if method == "fit":  # one batch: the loss is taken before the update
+        loss = model.fit(x, y, epochs=1, verbose=0).history["loss"][0]
+    else:
+        loss = model.evaluate(x, y, verbose=0)
+    assert float(loss) == pytest.approx(expected, abs=1e-4)
+
+
+def test_only_the_tensorflow_backend_recovers_logits():
+    backends = pathlib.Path(keras.__file__).parent / "src" / "backend"
+    assert "_get_logits" in (backends / "tensorflow" / "nn.py").read_text()
+    for backend in ("jax", "torch"):
+        source = (backends / backend / "nn.py").read_text()
+        assert "_get_logits" not in source and "_keras_logits" not in source
+        assert "clip(" in source
+
+
+def test_keras_clipping_shrinks_the_target_gradient_to_about_p_y():
+    # Only the target (and two small entries) are clipped: the gradient on
+    # the target logit is about -p_y instead of p_y - 1 = -1.
+    row = np.array([[0.0, 20.0, 20.0, 0.0, 0.0]], dtype=np.float32)
+    variable = tf.Variable(row)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(np.array([0]), tf.nn.softmax(variable))
+    grad = tape.gradient(loss, variable).numpy()[0]
+    p_y = float(torch.softmax(torch.from_numpy(row[0]), dim=0)[0])
+    assert p_y < keras.config.epsilon()
+    assert grad[0] < 0 and grad[0] == pytest.approx(-p_y, rel=1e-2)
+
+
+def test_keras_class_weight_is_one_weight_per_example():
+    # fit(class_weight=...) becomes sample weights; (B, T) labels are
+    # reduced by argmax over T, giving one weight per sequence.
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    labels = np.array([[5, 8, 9, 1], [6, 4, 0, 7]])
+    weight = {c: float(c) for c in range(10)}
+    per_sequence = data_adapter_utils.class_weight_to_sample_weights(
+        labels, weight)
+    assert per_sequence.tolist() == [2.0, 3.0]
+    per_row = data_adapter_utils.class_weight_to_sample_weights(
+        labels.reshape(-1), weight)
+    assert per_row.tolist() == labels.reshape(-1).astype(float).tolist()
+
+
+def test_tf_documents_cpu_error_and_gpu_nan_for_bad_labels():
+    doc = " ".join(
+        tf.nn.sparse_softmax_cross_entropy_with_logits.__doc__.split())
+    assert ("Other values will raise an exception when this op is run on "
+            "CPU, and return `NaN` for corresponding loss and gradient rows "
+            "on GPU.") in doc
 
 
 def test_keras_all_ignored_gives_zero_not_nan():
@@ -613,3 +733,29 @@ def test_plots_reject_mismatched_lengths():
     with pytest.raises(ValueError, match="epsilon"):
         ce_plots.plot_clipped_probability_loss(np.arange(3.0), np.arange(3.0), np.arange(3.0),
                                                epsilon=0.0)
+
+
+@pytest.mark.parametrize("name", ["naive", "gradient", "clipped"])
+def test_plots_fit_the_text_width_with_readable_fonts(name):
+    from matplotlib.text import Text
+
+    from companion.plots import TEXT_WIDTH_IN
+
+    if name == "naive":
+        data = ce.naive_versus_stable_by_scale(np.linspace(0.0, 100.0, 21))
+        fig = ce_plots.plot_naive_versus_stable(data["scale"], data["naive"],
+                                                data["stable"])
+    elif name == "gradient":
+        fig = ce_plots.plot_gradient_rows(
+            np.array([[0.1, -0.2, 0.1], [0.0, 0.0, 0.0]]),
+            np.array([1, IGNORE_INDEX]))
+    else:
+        margins = np.linspace(0.0, 40.0, 41)
+        fig = ce_plots.plot_clipped_probability_loss(
+            margins, margins, np.minimum(margins, 16.1), epsilon=1e-7)
+    assert fig.get_size_inches()[0] == pytest.approx(TEXT_WIDTH_IN)
+    fig.canvas.draw()
+    texts = [text for text in fig.findobj(Text)
+             if text.get_text() and text.get_visible()]
+    assert texts
+    assert min(text.get_fontsize() for text in texts) >= 9

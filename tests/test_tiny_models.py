@@ -6,6 +6,7 @@ import math
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +19,13 @@ from companion.causal_lm_loss import (
     shift_and_slice_loss,
     unshifted_token_loss,
 )
-from companion.plots.labels import PADDING, SCORED, label_layout_grid, plot_label_layout
+from companion.plots import TEXT_WIDTH_IN
+from companion.plots.labels import (
+    PADDING,
+    SCORED,
+    label_layout_grid,
+    plot_label_layout,
+)
 
 matplotlib.use("Agg")
 
@@ -68,6 +75,24 @@ def test_batch_layout(batch):
     assert count_scored_targets(batch.labels) == sum(ANSWERS)
 
 
+def test_first_answer_position(batch):
+    cut = tm.first_answer_position(batch)
+    assert cut == 1 + tm.image_token_count() + min(PROMPTS)
+    assert not (batch.segments[:, :cut] == tm.SEGMENT_CODES["answer"]).any()
+    assert (batch.segments[:, cut] == tm.SEGMENT_CODES["answer"]).any()
+    assert count_scored_targets(batch.labels[:, :cut]) == 0
+    no_answer = tm.LlavaTrainingBatch(
+        batch.input_ids, batch.attention_mask, batch.labels,
+        batch.pixel_values,
+        batch.segments.masked_fill(
+            batch.segments == tm.SEGMENT_CODES["answer"],
+            tm.SEGMENT_CODES["prompt"],
+        ),
+    )
+    with pytest.raises(ValueError, match="answer in every row"):
+        tm.first_answer_position(no_answer)
+
+
 def test_batch_is_deterministic_per_seed():
     a = tm.build_llava_batch(PROMPTS, ANSWERS, seed=1)
     b = tm.build_llava_batch(PROMPTS, ANSWERS, seed=1)
@@ -115,6 +140,40 @@ def test_special_ids_lie_inside_the_vocabulary():
 def test_unknown_language_model_is_rejected():
     with pytest.raises(ValueError, match="language_model must be 'llama' or 't5'"):
         tm.tiny_instructblip(language_model="opt")
+
+
+def test_layer_counts_and_sizes_are_the_module_constants():
+    config = tm.tiny_llava().config
+    vision, text = config.vision_config, config.text_config
+    assert vision.num_hidden_layers == tm.VISION_LAYERS
+    assert (vision.image_size, vision.patch_size) == (
+        tm.IMAGE_SIZE, tm.PATCH_SIZE
+    )
+    assert text.num_hidden_layers == tm.TEXT_LAYERS
+    assert text.hidden_size == tm.HIDDEN_SIZE
+    assert text.initializer_range == tm.TEXT_INIT_STD
+    for model in (tm.tiny_gpt_bigcode(), tm.tiny_gpt_neox_japanese(),
+                  tm.tiny_instructblip(language_model="t5")):
+        assert model.config.get_text_config().num_hidden_layers == (
+            tm.TEXT_LAYERS
+        )
+
+
+def test_text_init_std_sets_the_spread_of_the_llama_weights():
+    from transformers import LlamaConfig
+
+    default = LlamaConfig().initializer_range
+    model = tm.tiny_llava(seed=0, text_init_std=default)
+    assert model.config.text_config.initializer_range == default
+    assert tm.tiny_llava().config.text_config.initializer_range == (
+        tm.TEXT_INIT_STD
+    )
+    weight = model.lm_head.weight.detach()
+    assert float(weight.std()) == pytest.approx(default, rel=0.1)
+    with pytest.raises(ValueError, match="init_std must be > 0"):
+        tm.tiny_llama_config(0.0)
+    with pytest.raises(TypeError, match="init_std must be a float"):
+        tm.tiny_llama_config("0.02")
 
 
 def test_models_are_seeded():
@@ -215,8 +274,16 @@ def test_family_losses(batch):
             assert abs(check.model_loss - check.label_padding) < 1e-6
             assert abs(check.model_loss - check.unshifted) > 1e-3
         row = check.as_row()
-        assert row["diff (shifted)"] == abs(check.model_loss - check.shift_and_slice)
-        assert row["diff (unshifted)"] == abs(check.model_loss - check.unshifted)
+        assert row["diff shifted"] == abs(check.model_loss - check.shift_and_slice)
+        assert row["diff unshifted"] == abs(check.model_loss - check.unshifted)
+        assert check.model.startswith(row["model"])
+        assert not row["model"].endswith(("ForConditionalGeneration",
+                                          "ForCausalLM"))
+    # the table the chapter prints fits in 79 columns
+    table = pd.DataFrame([c.as_row() for c in checks]).to_string(
+        index=False, float_format="{:.4f}".format
+    )
+    assert max(len(line) for line in table.splitlines()) <= 79
 
 
 def test_t5_decoder_input_is_labels_shifted_right(batch):
@@ -245,6 +312,12 @@ def test_label_layout_grid_and_figure(batch):
     assert ax.get_xlabel() and ax.get_ylabel()
     assert np.array_equal(ax.images[0].get_array(), grid)
     assert f"{count_scored_targets(batch.labels)} of" in ax.get_title()
+    # drawn at the text width, every text at least 9 pt
+    assert fig.get_size_inches()[0] == pytest.approx(TEXT_WIDTH_IN)
+    texts = [*ax.texts, *ax.get_legend().get_texts(),
+             *ax.get_xticklabels(), *ax.get_yticklabels(),
+             ax.xaxis.label, ax.yaxis.label, ax.title]
+    assert all(t.get_fontsize() >= 9 for t in texts)
     matplotlib.pyplot.close(fig)
 
 

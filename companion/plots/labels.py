@@ -11,16 +11,29 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from companion import IGNORE_INDEX
-from companion._checks import require_integer, require_leading_dims, require_rank, require_tensor
-from companion.plots import COLORS, new_figure
+from companion._checks import (
+    require_integer,
+    require_leading_dims,
+    require_rank,
+    require_tensor,
+)
+from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
 
 #: Cell classes of :func:`label_layout_grid`, in colour-map order.
 IGNORED, SCORED, PADDING = 0, 1, 2
 
-_SEGMENT_LETTERS = {"bos": "S", "image": "I", "prompt": "P", "answer": "A", "padding": ""}
+_SEGMENT_LETTERS = {
+    "bos": "S", "image": "I", "prompt": "P", "answer": "A", "padding": "",
+}
+
+#: Font sizes in points, for a figure shown at the text width.
+CELL_FONTSIZE: float = 11.0
+LEGEND_FONTSIZE: float = 9.5
 
 
-def label_layout_grid(labels: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+def label_layout_grid(
+    labels: torch.Tensor, attention_mask: torch.Tensor
+) -> np.ndarray:
     """Classify every label position of a batch.
 
     Args:
@@ -37,7 +50,10 @@ def label_layout_grid(labels: torch.Tensor, attention_mask: torch.Tensor) -> np.
     require_rank(labels, 2, "labels", "(B, T)")
     require_integer(labels, "labels")
     require_tensor(attention_mask, "attention_mask")
-    require_leading_dims(attention_mask, tuple(labels.shape), "attention_mask", "labels", "(B, T)")
+    require_leading_dims(
+        attention_mask, tuple(labels.shape), "attention_mask", "labels",
+        "(B, T)",
+    )
     kept = (labels != IGNORE_INDEX).cpu().numpy()
     kept[:, 0] = False
     grid = np.where(kept, SCORED, IGNORED)
@@ -50,7 +66,7 @@ def plot_label_layout(
     segments: torch.Tensor,
     segment_codes: Mapping[str, int],
 ) -> plt.Figure:
-    """Grid of a batch's label positions, coloured by whether the loss scores them.
+    """Grid of a batch's label positions, coloured by whether they are scored.
 
     Args:
         labels: ``(B, T)`` int, ``-100`` = ignored.
@@ -63,20 +79,28 @@ def plot_label_layout(
         One row per sequence, one cell per position.  Blue: a target that
         enters the loss; grey: ``-100``; white: padding.  Each cell carries
         its segment's letter (S = begin-of-sequence, I = image, P = prompt,
-        A = answer).
+        A = answer).  The figure is :data:`companion.plots.TEXT_WIDTH_IN`
+        wide, with cell letters of :data:`CELL_FONTSIZE` and a legend of
+        :data:`LEGEND_FONTSIZE` points.
     """
     grid = label_layout_grid(labels, attention_mask)
-    require_leading_dims(segments, tuple(labels.shape), "segments", "labels", "(B, T)")
+    require_leading_dims(
+        segments, tuple(labels.shape), "segments", "labels", "(B, T)"
+    )
     batch, time = grid.shape
-    letters = {code: _SEGMENT_LETTERS.get(name, "?") for name, code in segment_codes.items()}
-    fig, ax = new_figure(width=max(5.0, 0.42 * time + 1.5), height=0.55 * batch + 1.3)
+    letters = {
+        code: _SEGMENT_LETTERS.get(name, "?")
+        for name, code in segment_codes.items()
+    }
+    cell = (TEXT_WIDTH_IN - 0.55) / time  # inches per square cell
+    fig, ax = new_figure(width=TEXT_WIDTH_IN, height=cell * batch + 1.45)
     colormap = ListedColormap([COLORS["ignored"], COLORS["scored"], "white"])
     ax.imshow(grid, cmap=colormap, vmin=0, vmax=2, aspect="equal")
     for b in range(batch):
         for t in range(time):
             text_color = "white" if grid[b, t] == SCORED else "black"
-            ax.text(t, b, letters[int(segments[b, t])], ha="center", va="center",
-                    fontsize=8, color=text_color)
+            ax.text(t, b, letters[int(segments[b, t])], ha="center",
+                    va="center", fontsize=CELL_FONTSIZE, color=text_color)
     ax.set_xticks(np.arange(-0.5, time, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, batch, 1), minor=True)
     ax.grid(which="minor", color="black", linewidth=0.6)
@@ -84,20 +108,27 @@ def plot_label_layout(
     ax.set_xticks(range(time))
     ax.set_yticks(range(batch))
     ax.set_xlabel("label position t (token index)")
-    ax.set_ylabel("sequence b in the batch")
+    ax.set_ylabel("sequence b")
     n_scored = int((grid == SCORED).sum())
-    ax.set_title(f"Only the answers are scored: {n_scored} of {batch * time} label positions")
+    ax.set_title(
+        f"Only the answers are scored: {n_scored} of {batch * time} "
+        "label positions"
+    )
     ax.legend(
         handles=[
-            Patch(facecolor=COLORS["scored"], edgecolor="black", label="scored target"),
-            Patch(facecolor=COLORS["ignored"], edgecolor="black", label="label = -100"),
-            Patch(facecolor="white", edgecolor="black", label="padding (mask 0)"),
-            Patch(visible=False, label="S start, I image, P prompt, A answer"),
+            Patch(facecolor=COLORS["scored"], edgecolor="black",
+                  label="scored target"),
+            Patch(facecolor=COLORS["ignored"], edgecolor="black",
+                  label="label = -100"),
+            Patch(facecolor="white", edgecolor="black",
+                  label="padding (mask 0)"),
+            Patch(visible=False,
+                  label="S start, I image, P prompt, A answer"),
         ],
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.32),
-        ncol=4,
+        bbox_to_anchor=(0.5, -0.3),
+        ncol=2,
         frameon=False,
-        fontsize=8,
+        fontsize=LEGEND_FONTSIZE,
     )
     return fig

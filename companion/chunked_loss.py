@@ -1,0 +1,743 @@
+"""A causal-LM loss that never holds the full ``(B, T, V)`` logits.
+
+The usual loss computes ``logits = hidden @ weight.T`` for every position at
+once, a ``(B, T, V)`` tensor, and the backward pass of ``cross_entropy`` keeps
+two more tensors of that size alive.  At ``T = 8192`` and ``V = 128256`` one
+such tensor is 3.9 GiB in float32.
+
+This module computes the same loss, with the same semantics as Hugging Face's
+``ForCausalLMLoss`` (labels padded with ``-100`` on the right and shifted
+left; ``-100`` positions skipped; the sum divided by ``num_items_in_batch``
+when given, else by the number of scored positions), from the final hidden
+states and the output projection, a chunk of positions at a time:
+
+* :func:`chunked_causal_lm_loss` uses :class:`ChunkedLinearCrossEntropy`, a
+  ``torch.autograd.Function`` whose forward pass also computes both
+  gradients, chunk by chunk, so that only one ``(chunk_size, V)`` block of
+  logits ever exists;
+* :func:`checkpointed_chunked_loss` gets a similar saving from plain
+  autograd and activation checkpointing, at the price of a second forward
+  pass per chunk;
+* :func:`eager_shift_and_slice_loss` and :func:`eager_label_padding_loss` are
+  the two eager formulations, kept minimal, for comparison.
+
+:func:`estimate_peak_bytes` counts, from first principles, the bytes each
+formulation holds at its peak, and :class:`TensorMemoryTracker` measures the
+same quantity exactly, storage by storage.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
+
+from companion import IGNORE_INDEX
+from companion._checks import (
+    require_floating,
+    require_integer,
+    require_labels_in_range,
+    require_leading_dims,
+    require_positive_int,
+    require_rank,
+    require_tensor,
+)
+
+DEFAULT_CHUNK_SIZE = 256
+"""Positions per chunk.  At ``V = 32000`` one float32 chunk of logits is 31 MiB."""
+
+NumItems = int | torch.Tensor | None
+LossFunction = Callable[..., torch.Tensor]
+
+
+# --------------------------------------------------------------------------
+# Checks and label shifting
+# --------------------------------------------------------------------------
+
+
+def check_hidden_weight_labels(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[int, int, int, int]:
+    """Validate the inputs of every loss in this module and return ``(B, T, H, V)``.
+
+    Args:
+        hidden: ``(B, T, H)`` float, the final hidden states.
+        weight: ``(V, H)`` float, the output projection (``lm_head.weight``),
+            same dtype and device as ``hidden``.
+        labels: ``(B, T)`` int token ids, ``ignore_index`` = ignored.
+        ignore_index: label value that is not scored.
+
+    Raises:
+        TypeError: a non-tensor argument, non-float ``hidden``/``weight``,
+            ``hidden`` and ``weight`` of different dtypes, or non-integer ``labels``.
+        ValueError: wrong ranks, an empty dimension, ``weight``'s ``H`` not
+            matching ``hidden``'s, ``labels`` not ``(B, T)``, the two float
+            tensors on different devices, or a label outside ``[0, V)``.
+    """
+    require_tensor(hidden, "hidden")
+    require_tensor(weight, "weight")
+    require_tensor(labels, "labels")
+    require_rank(hidden, 3, "hidden", "(B, T, H)")
+    require_floating(hidden, "hidden")
+    require_rank(weight, 2, "weight", "(V, H)")
+    require_floating(weight, "weight")
+    require_rank(labels, 2, "labels", "(B, T)")
+    require_integer(labels, "labels")
+    batch, time, hidden_size = hidden.shape
+    vocab, weight_hidden_size = weight.shape
+    if min(batch, time, hidden_size) < 1:
+        raise ValueError(f"hidden (B, T, H) must have no empty dimension; got shape {tuple(hidden.shape)}")
+    if vocab < 1:
+        raise ValueError(f"weight (V, H) must have V >= 1; got shape {tuple(weight.shape)}")
+    if weight_hidden_size != hidden_size:
+        raise ValueError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden_size}; "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}; got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on hidden's device {hidden.device}; got {weight.device}")
+    require_leading_dims(labels, (batch, time), "labels", "hidden", "(B, T)")
+    require_labels_in_range(labels, vocab, ignore_index, "labels")
+    return batch, time, hidden_size, vocab
+
+
+def _check_num_items(num_items_in_batch: NumItems) -> float | None:
+    """Return ``num_items_in_batch`` as a positive float, or ``None``."""
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                "num_items_in_batch must be a single number; "
+                f"got a tensor of shape {tuple(num_items_in_batch.shape)}"
+            )
+        value = float(num_items_in_batch.item())
+    elif isinstance(num_items_in_batch, int) and not isinstance(num_items_in_batch, bool):
+        value = float(num_items_in_batch)
+    else:
+        raise TypeError(
+            f"num_items_in_batch must be an int, a one-element tensor or None; "
+            f"got {type(num_items_in_batch).__name__}"
+        )
+    if not value > 0:
+        raise ValueError(f"num_items_in_batch must be > 0; got {value:g}")
+    return value
+
+
+def shift_labels_with_padding(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The targets ``ForCausalLMLoss`` scores: labels padded right, then shifted left.
+
+    Position ``t`` is scored against ``labels[:, t + 1]``; the last position
+    has no next token, so it gets ``ignore_index``.
+
+    Args:
+        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
+
+    Returns:
+        ``(B, T)`` int64.
+    """
+    require_tensor(labels, "labels")
+    require_rank(labels, 2, "labels", "(B, T)")
+    require_integer(labels, "labels")
+    padded = F.pad(labels.long(), (0, 1), value=ignore_index)
+    return padded[:, 1:].contiguous()
+
+
+def _flat_targets_and_denominator(
+    labels: torch.Tensor,
+    device: torch.device,
+    ignore_index: int,
+    num_items_in_batch: NumItems,
+) -> tuple[torch.Tensor, int, float | None]:
+    """``(targets (B*T,), number of scored positions, denominator)``.
+
+    The denominator is ``None`` when nothing is scored and no
+    ``num_items_in_batch`` was given: the mean of nothing, which is ``nan``.
+    """
+    num_items = _check_num_items(num_items_in_batch)
+    targets = shift_labels_with_padding(labels, ignore_index).view(-1).to(device)
+    scored = int((targets != ignore_index).sum())
+    if num_items is not None:
+        return targets, scored, num_items
+    return targets, scored, (float(scored) if scored else None)
+
+
+# --------------------------------------------------------------------------
+# The two eager formulations, from hidden states
+# --------------------------------------------------------------------------
+
+
+def eager_shift_and_slice_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_items_in_batch: NumItems = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Eager loss, older LLaVA style: full logits, drop the last row, drop the first label.
+
+    Args:
+        hidden: ``(B, T, H)`` float.
+        weight: ``(V, H)`` float.
+        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
+        num_items_in_batch: divide the summed loss by this instead of taking
+            the mean over scored positions.
+        ignore_index: label value that is not scored.
+
+    Returns:
+        0-d tensor: the loss (``nan`` when nothing is scored and
+        ``num_items_in_batch`` is ``None``).
+    """
+    check_hidden_weight_labels(hidden, weight, labels, ignore_index)
+    num_items = _check_num_items(num_items_in_batch)
+    logits = hidden @ weight.T
+    vocab = logits.size(-1)
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = labels[..., 1:].contiguous().long()
+    reduction = "mean" if num_items is None else "sum"
+    loss = F.cross_entropy(
+        shift_logits.view(-1, vocab),
+        shift_labels.view(-1).to(logits.device),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    return loss if num_items is None else loss / num_items
+
+
+def eager_label_padding_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_items_in_batch: NumItems = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Eager loss, ``ForCausalLMLoss`` style: full logits, labels padded and shifted.
+
+    Args:
+        hidden: ``(B, T, H)`` float.
+        weight: ``(V, H)`` float.
+        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
+        num_items_in_batch: divide the summed loss by this instead of taking
+            the mean over scored positions.
+        ignore_index: label value that is not scored.
+
+    Returns:
+        0-d float32 (or float64) tensor: the loss.
+    """
+    check_hidden_weight_labels(hidden, weight, labels, ignore_index)
+    num_items = _check_num_items(num_items_in_batch)
+    # ForCausalLMLoss upcasts, so that half-precision logits are reduced in float32.
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))
+    vocab = logits.size(-1)
+    shift_labels = shift_labels_with_padding(labels, ignore_index)
+    reduction = "mean" if num_items is None else "sum"
+    loss = F.cross_entropy(
+        logits.view(-1, vocab),
+        shift_labels.view(-1).to(logits.device),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    return loss if num_items is None else loss / num_items
+
+
+# --------------------------------------------------------------------------
+# Chunks with activation checkpointing
+# --------------------------------------------------------------------------
+
+
+def _chunk_loss_sum(
+    hidden_chunk: torch.Tensor, weight: torch.Tensor, targets_chunk: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: ``(C, H)``, ``(V, H)``, ``(C,)`` -> 0-d."""
+    logits = (hidden_chunk @ weight.T).to(torch.promote_types(hidden_chunk.dtype, torch.float32))
+    return F.cross_entropy(logits, targets_chunk, ignore_index=ignore_index, reduction="sum")
+
+
+def checkpointed_chunked_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    num_items_in_batch: NumItems = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """The loss summed chunk by chunk, each chunk under activation checkpointing.
+
+    Autograd saves nothing inside a checkpointed chunk; the backward pass
+    recomputes the chunk's logits, so at most one chunk's ``(chunk_size, V)``
+    tensors exist at a time.  The cost is a second forward matmul per chunk.
+
+    Args:
+        hidden: ``(B, T, H)`` float.
+        weight: ``(V, H)`` float.
+        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
+        chunk_size: positions per chunk (of the ``B*T`` flattened positions), >= 1.
+        num_items_in_batch: divide the summed loss by this instead of taking
+            the mean over scored positions.
+        ignore_index: label value that is not scored.
+
+    Returns:
+        0-d tensor: the same value as :func:`eager_label_padding_loss`.
+    """
+    require_positive_int(chunk_size, "chunk_size")
+    _, _, hidden_size, _ = check_hidden_weight_labels(hidden, weight, labels, ignore_index)
+    targets, _, denominator = _flat_targets_and_denominator(
+        labels, hidden.device, ignore_index, num_items_in_batch
+    )
+    hidden_flat = hidden.reshape(-1, hidden_size)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, hidden_flat.size(0), chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(
+            _chunk_loss_sum,
+            hidden_flat[start:stop],
+            weight,
+            targets[start:stop],
+            ignore_index,
+            use_reentrant=False,
+        )
+    # Nothing scored: 0 / 0 = nan, as F.cross_entropy's mean gives; its
+    # gradient is 0 because every chunk's gradient is 0.
+    return total / (denominator if denominator is not None else 0.0)
+
+
+# --------------------------------------------------------------------------
+# Chunks with gradients computed in the forward pass
+# --------------------------------------------------------------------------
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss of ``hidden_flat @ weight.T`` against ``targets``, gradients computed in forward.
+
+    For each chunk of rows the forward pass forms the ``(C, V)`` logits once,
+    reduces them to the chunk's loss, turns the *same* buffer, in place, into
+    ``d loss / d logits = (softmax - onehot) / denominator`` (zero on ignored
+    rows), and multiplies it into the two gradients it needs:
+    ``grad_hidden[chunk] = grad_logits @ weight`` and
+    ``grad_weight += grad_logits.T @ hidden[chunk]``.  The backward pass only
+    scales the stored gradients by the incoming gradient.
+
+    Inputs of :meth:`forward`: ``hidden_flat (N, H)`` float, ``weight (V, H)``
+    float, ``targets (N,)`` int64 already shifted, ``chunk_size`` int,
+    ``ignore_index`` int, ``denominator`` float or ``None`` (nothing scored:
+    the loss is ``nan`` and the gradients are zero).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden_flat: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        ignore_index: int,
+        denominator: float | None,
+    ) -> torch.Tensor:
+        compute_dtype = torch.promote_types(hidden_flat.dtype, torch.float32)
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_scale = 0.0 if denominator is None else 1.0 / denominator
+        grad_hidden = torch.empty_like(hidden_flat) if need_hidden_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
+            if need_weight_grad
+            else None
+        )
+        loss_sum = torch.zeros((), dtype=compute_dtype, device=hidden_flat.device)
+        # The only (C, V) buffer, allocated once and reused by every chunk, so
+        # that the memory allocator never has to find room for another.
+        logits_buffer = torch.empty(
+            (min(chunk_size, hidden_flat.size(0)), weight.size(0)),
+            dtype=compute_dtype,
+            device=hidden_flat.device,
+        )
+
+        for start in range(0, hidden_flat.size(0), chunk_size):
+            hidden_chunk = hidden_flat[start : start + chunk_size]
+            targets_chunk = targets[start : start + chunk_size]
+            scored = targets_chunk != ignore_index
+            safe_targets = torch.where(scored, targets_chunk, 0).unsqueeze(1)
+
+            logits = logits_buffer[: hidden_chunk.size(0)]
+            if hidden_chunk.dtype == compute_dtype:
+                torch.mm(hidden_chunk, weight.T, out=logits)
+            else:
+                logits.copy_(hidden_chunk @ weight.T)
+            logits.sub_(logits.amax(dim=1, keepdim=True))  # exp below cannot overflow
+            target_logit = logits.gather(1, safe_targets).squeeze(1)
+            logits.exp_()
+            sum_exp = logits.sum(dim=1)
+            row_loss = sum_exp.log() - target_logit  # -log softmax at the target
+            loss_sum += torch.where(scored, row_loss, 0.0).sum()
+
+            if grad_hidden is not None or grad_weight is not None:
+                # softmax / denominator on scored rows, 0 on ignored rows ...
+                row_factor = scored.to(compute_dtype) * grad_scale
+                logits.mul_((row_factor / sum_exp).unsqueeze(1))
+                # ... minus onehot / denominator: now logits holds d loss / d logits.
+                logits.scatter_add_(1, safe_targets, -row_factor.unsqueeze(1))
+                if grad_hidden is not None:
+                    torch.mm(logits.to(weight.dtype), weight, out=grad_hidden[start : start + chunk_size])
+                if grad_weight is not None:
+                    grad_weight.addmm_(logits.T, hidden_chunk.to(compute_dtype))
+
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        if denominator is None:
+            return torch.full((), math.nan, dtype=compute_dtype, device=hidden_flat.device)
+        return loss_sum / denominator
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The usual call is loss.backward(), where grad_loss is exactly 1:
+        # skip the multiplication, which would allocate a second (V, H) tensor.
+        if bool(grad_loss != 1):
+            grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    num_items_in_batch: NumItems = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Causal-LM loss of ``hidden @ weight.T`` without ever holding the ``(B, T, V)`` logits.
+
+    Same value as ``ForCausalLMLoss(hidden @ weight.T, labels, V,
+    num_items_in_batch)``; same gradients with respect to ``hidden`` and
+    ``weight``.  Peak extra memory is one ``(chunk_size, V)`` block plus the
+    two gradients, ``(B*T, H)`` and ``(V, H)``.
+
+    Args:
+        hidden: ``(B, T, H)`` float, the final hidden states.
+        weight: ``(V, H)`` float, the output projection, same dtype and device.
+        labels: ``(B, T)`` int, ``ignore_index`` = ignored; position ``t`` is
+            scored against ``labels[:, t + 1]``.
+        chunk_size: positions per chunk (of the ``B*T`` flattened positions),
+            >= 1; it need not divide ``B*T``.
+        num_items_in_batch: divide the summed loss by this (an int or a
+            one-element tensor, > 0) instead of taking the mean over scored
+            positions, as in gradient accumulation.
+        ignore_index: label value that is not scored.
+
+    Returns:
+        0-d tensor (float32 for float32 or half inputs, float64 for float64):
+        the loss; ``nan`` with zero gradients when no position is scored and
+        ``num_items_in_batch`` is ``None``.
+    """
+    require_positive_int(chunk_size, "chunk_size")
+    _, _, hidden_size, _ = check_hidden_weight_labels(hidden, weight, labels, ignore_index)
+    targets, _, denominator = _flat_targets_and_denominator(
+        labels, hidden.device, ignore_index, num_items_in_batch
+    )
+    hidden_flat = hidden.reshape(-1, hidden_size)
+    return ChunkedLinearCrossEntropy.apply(
+        hidden_flat, weight, targets, chunk_size, ignore_index, denominator
+    )
+
+
+LOSS_VARIANTS: dict[str, LossFunction] = {
+    "shift_and_slice": eager_shift_and_slice_loss,
+    "label_padding": eager_label_padding_loss,
+    "checkpointed_chunks": checkpointed_chunked_loss,
+    "chunked_function": chunked_causal_lm_loss,
+}
+"""The four formulations the chapter compares, by the names the benchmark uses."""
+
+CHUNKED_VARIANTS = frozenset({"checkpointed_chunks", "chunked_function"})
+"""Variants that take a ``chunk_size`` argument."""
+
+
+# --------------------------------------------------------------------------
+# Memory: counted from first principles, and measured exactly
+# --------------------------------------------------------------------------
+
+
+def estimate_peak_bytes(
+    variant: str,
+    batch: int,
+    time: int,
+    vocab: int,
+    hidden_size: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    element_size: int = 4,
+) -> int:
+    """Bytes a formulation's forward + backward holds at its peak, beyond its inputs.
+
+    The count, with ``L = B*T*V`` logits elements, ``C = min(chunk_size, B*T)``
+    and ``N = B*T``:
+
+    * eager (``shift_and_slice``, ``label_padding``): ``3 L``.  During
+      ``log_softmax``'s backward three ``(B, T, V)`` tensors are alive: the
+      output ``log_softmax`` saved in the forward pass, the gradient
+      ``nll_loss`` hands back, and the gradient being computed.  Later
+      moments hold less (one ``(B, T, V)`` gradient and ``weight.grad``).
+    * ``checkpointed_chunks``: the larger of two moments, plus the running
+      ``(N, H)`` gradient of ``hidden``.  While a chunk's ``log_softmax`` is
+      differentiated: its three ``(C, V)`` tensors and the running ``(V, H)``
+      weight gradient, ``3 C V + V H``.  While that chunk's weight gradient
+      is added to the running sum: the sum, the addend and the result,
+      ``3 V H``.
+    * ``chunked_function``: one ``(C, V)`` block, plus the two gradients it
+      fills, ``(V, H)`` and ``(N, H)``.
+
+    Args:
+        variant: a key of :data:`LOSS_VARIANTS`.
+        batch, time, vocab, hidden_size: ``B``, ``T``, ``V``, ``H``, each >= 1.
+        chunk_size: positions per chunk (chunked variants).
+        element_size: bytes per element (4 for float32).
+
+    Returns:
+        The estimate in bytes (small tensors of ``O(B*T)`` elements are left out).
+    """
+    if variant not in LOSS_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(LOSS_VARIANTS)}; got {variant!r}")
+    for value, name in (
+        (batch, "batch"),
+        (time, "time"),
+        (vocab, "vocab"),
+        (hidden_size, "hidden_size"),
+        (chunk_size, "chunk_size"),
+        (element_size, "element_size"),
+    ):
+        require_positive_int(value, name)
+    positions = batch * time
+    chunk = min(chunk_size, positions)
+    weight_grad = vocab * hidden_size
+    hidden_grad = positions * hidden_size
+    if variant in ("shift_and_slice", "label_padding"):
+        elements = 3 * positions * vocab
+    elif variant == "checkpointed_chunks":
+        elements = max(3 * chunk * vocab + weight_grad, 3 * weight_grad) + hidden_grad
+    else:
+        elements = chunk * vocab + weight_grad + hidden_grad
+    return elements * element_size
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Exact bytes of tensor storage allocated inside the ``with`` block, live and peak.
+
+    Every operator call PyTorch dispatches (forward and backward alike) is
+    seen; each new storage is counted from its creation until it is freed.
+    Storages that existed before the block (the inputs) are not counted, and
+    neither are a kernel's private scratch buffers, which are not tensors.
+    The counts are exact and deterministic, unlike a process's resident set.
+
+    Attributes:
+        live_bytes: bytes of counted storage alive now.
+        peak_bytes: the most ``live_bytes`` has been.
+        timeline: ``live_bytes`` right after each operator call, in order.
+
+    Example::
+
+        with TensorMemoryTracker() as tracker:
+            loss_fn(hidden, weight, labels).backward()
+        tracker.peak_bytes
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.timeline: list[int] = []
+        self._counted: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._release_hooks: set[weakref.ref] = set()
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self._counted:
+            return  # a view, or the result of an in-place operator
+        nbytes = storage.nbytes()
+        self._counted[storage] = nbytes
+
+        def release(hook: weakref.ref) -> None:
+            self.live_bytes -= nbytes
+            self._release_hooks.discard(hook)
+
+        # The callback runs when the storage is freed; the set keeps the
+        # weak reference itself alive until then.
+        self._release_hooks.add(weakref.ref(storage, release))
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        # Storages an operator receives but that this tracker has not seen were
+        # created before the block (the inputs): remember them uncounted, so
+        # that a view of them or an in-place result is not taken for new memory.
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._counted.setdefault(leaf.untyped_storage(), 0)
+        result = func(*args, **kwargs)
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._count(leaf)
+        self.timeline.append(self.live_bytes)
+        return result
+
+
+def measure_peak_tensor_bytes(loss_fn: LossFunction, *args: Any, **kwargs: Any) -> int:
+    """Peak bytes of tensors alive at once during ``loss_fn(*args, **kwargs).backward()``.
+
+    Gradients of the inputs are reset to ``None`` first, so every call
+    measures the same thing.  Returns the :class:`TensorMemoryTracker` peak.
+    """
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.grad = None
+    with TensorMemoryTracker() as tracker:
+        loss_fn(*args, **kwargs).backward()
+    return tracker.peak_bytes
+
+
+# --------------------------------------------------------------------------
+# Benchmark results (benchmarks/loss_memory.py) against the chapter's targets
+# --------------------------------------------------------------------------
+
+EAGER_VARIANTS = ("shift_and_slice", "label_padding")
+"""The two formulations that materialise the ``(B, T, V)`` logits."""
+
+MEMORY_TARGETS: tuple[tuple[int, int, int], ...] = ((2048, 32000, 4), (8192, 32000, 12), (8192, 128256, 12))
+"""``(T, V, k)``: the chunked Function's peak must be at most ``1/k`` of the eager peak."""
+
+TIME_TARGET = 1.2
+"""The chunked Function's median time must be at most this multiple of the eager one's."""
+
+RESULTS_FILE_NAMES = ("loss_memory_cpu.json", "loss_memory_cpu_quick.json")
+"""Benchmark result files, preferred first: the full run, then the quick run."""
+
+
+def find_results_file(directory: str | Path) -> Path:
+    """The first of :data:`RESULTS_FILE_NAMES` that exists in ``directory``.
+
+    Raises:
+        FileNotFoundError: none exists.
+    """
+    directory = Path(directory)
+    for name in RESULTS_FILE_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"no benchmark results in {directory}: expected one of {', '.join(RESULTS_FILE_NAMES)}"
+    )
+
+
+def _record(records: list[dict[str, Any]], variant: str, time: int, vocab: int) -> dict[str, Any] | None:
+    for record in records:
+        if (record["variant"], record["time"], record["vocab"]) == (variant, time, vocab):
+            return record
+    return None
+
+
+def _best_eager(records: list[dict[str, Any]], time: int, vocab: int, key: str) -> float | None:
+    """The smaller of the two eager formulations' ``key`` (``None``: neither ran)."""
+    values = [
+        float(record[key])
+        for name in EAGER_VARIANTS
+        if (record := _record(records, name, time, vocab)) is not None
+        and record["status"] == "ok"
+        and record.get(key) is not None
+    ]
+    return min(values) if values else None
+
+
+def memory_target_report(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each memory target of :data:`MEMORY_TARGETS`, checked against benchmark records.
+
+    The chunked Function is compared with the *better* (smaller) of the two
+    eager formulations.
+
+    Args:
+        records: the ``"results"`` list of a benchmark JSON file.
+
+    Returns:
+        One dict per target: ``time``, ``vocab``, ``required`` (``k``),
+        ``eager_bytes``, ``chunked_bytes``, ``ratio`` (eager / chunked, ``inf``
+        when the eager formulations ran out of memory), and ``verdict``:
+        ``"met"``, ``"missed"`` or ``"not measured"``.
+    """
+    report = []
+    for time, vocab, required in MEMORY_TARGETS:
+        chunked = _record(records, "chunked_function", time, vocab)
+        eager_records = [_record(records, name, time, vocab) for name in EAGER_VARIANTS]
+        eager_bytes = _best_eager(records, time, vocab, "peak_bytes")
+        row: dict[str, Any] = {
+            "time": time,
+            "vocab": vocab,
+            "required": required,
+            "eager_bytes": eager_bytes,
+            "chunked_bytes": None,
+            "ratio": None,
+            "verdict": "not measured",
+        }
+        if chunked is not None and chunked["status"] == "ok":
+            row["chunked_bytes"] = float(chunked["peak_bytes"])
+            eager_oom = all(r is not None and r["status"] == "oom" for r in eager_records)
+            if eager_bytes is not None:
+                row["ratio"] = eager_bytes / row["chunked_bytes"]
+            elif eager_oom:
+                row["ratio"] = math.inf
+            if row["ratio"] is not None:
+                row["verdict"] = "met" if row["ratio"] >= required else "missed"
+        report.append(row)
+    return report
+
+
+def time_target_report(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The time target (:data:`TIME_TARGET`) at every size where both kinds of loss ran.
+
+    Returns:
+        One dict per ``(time, vocab)``: ``eager_s`` (the faster eager
+        median wall time), ``chunked_s``, ``ratio`` (chunked / eager),
+        ``verdict`` (``"met"`` or ``"missed"``), and ``cpu_ratio``, the same
+        ratio of median CPU times (``None`` if not recorded), which other
+        processes on the machine disturb less; sorted by ``(vocab, time)``.
+    """
+    sizes = sorted({(r["vocab"], r["time"]) for r in records})
+    report = []
+    for vocab, time in sizes:
+        chunked = _record(records, "chunked_function", time, vocab)
+        eager_s = _best_eager(records, time, vocab, "median_s")
+        if chunked is None or chunked["status"] != "ok" or eager_s is None:
+            continue
+        ratio = float(chunked["median_s"]) / eager_s
+        eager_cpu_s = _best_eager(records, time, vocab, "median_cpu_s")
+        chunked_cpu_s = chunked.get("median_cpu_s")
+        cpu_ratio = float(chunked_cpu_s) / eager_cpu_s if eager_cpu_s and chunked_cpu_s else None
+        report.append(
+            {
+                "time": time,
+                "vocab": vocab,
+                "eager_s": eager_s,
+                "chunked_s": float(chunked["median_s"]),
+                "ratio": ratio,
+                "verdict": "met" if ratio <= TIME_TARGET else "missed",
+                "cpu_ratio": cpu_ratio,
+            }
+        )
+    return report
