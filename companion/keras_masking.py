@@ -4,19 +4,23 @@ A padded batch of token sequences has ``B * T`` positions, of which only the
 real tokens should be scored.  A *masked token mean* divides the summed
 negative log-likelihood by the number of real tokens::
 
-    loss = sum_{b,t} m[b,t] * w[b,t] * nll[b,t] / sum_{b,t} m[b,t] * w[b,t]
+    loss = sum(m * w * nll) / sum(m * w)      (sums over b and t)
 
 where ``m`` is 1 on real tokens and 0 on padding, and ``w`` an optional
 weight.  Up to Keras 2.10 the mask that ``Embedding(mask_zero=True)``
 attaches to the model's output entered the loss as a sample weight, but the
 sum was still divided by ``B * T``: the historical pitfall.  This module
-rebuilds the toy that shows it, measures what the pinned Keras 3 and tf-keras
-report in ``fit``, ``evaluate`` and ``compute_loss``, reproduces the old
-reduction, and provides a loss and metrics that divide by the real tokens.
+rebuilds the toy that shows it, measures what the pinned Keras 3 and
+tf-keras report in ``fit``, ``evaluate`` and ``compute_loss``, reproduces
+the old reduction, and provides a loss and metrics that divide by the real
+tokens.
 
-Everything here runs on TensorFlow: Keras 3 through its TensorFlow backend
-(``import keras``) and legacy Keras 2 (``import tf_keras``).  Arrays follow
-one convention throughout:
+The loss and the metrics are written with ``keras.ops`` only, so the Keras 3
+classes run on any Keras backend; their tf-keras twins share that code,
+which tf-keras (TensorFlow only) can run when Keras 3's backend is
+TensorFlow, the book's pin.  The experiments run on TensorFlow: Keras 3
+through its TensorFlow backend (``import keras``) and legacy Keras 2
+(``import tf_keras``).  Arrays follow one convention throughout:
 
 * ``inputs``: ``(B, T)`` int token ids, ``0`` = padding;
 * ``labels``: ``(B, T)`` int class ids, ``0`` (``PADDING_ID``) = padding;
@@ -27,11 +31,17 @@ one convention throughout:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,17 +49,23 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-import companion  # noqa: F401  (sets TensorFlow's log level before the imports below)
+# companion first: it sets TensorFlow's log level before the imports below.
+import companion  # noqa: F401
 from companion import reference
 from companion._checks import require_positive_int
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
-from tf_keras.__internal__.losses import compute_weighted_loss as _tf_keras_compute_weighted_loss  # noqa: E402
+from keras import ops  # noqa: E402
+from tf_keras.__internal__.losses import (  # noqa: E402
+    compute_weighted_loss as _tf_keras_compute_weighted_loss,
+)
 
 __all__ = [
+    "BACKENDS",
     "FRAMEWORKS",
+    "HEADS",
     "LOSS_KINDS",
     "MIDDLE_LAYERS",
     "PADDING_ID",
@@ -70,6 +86,7 @@ __all__ = [
     "epoch_aggregation_batches",
     "epoch_aggregation_table",
     "fixed_loss",
+    "fixed_loss_on_backend",
     "historical_masked_mean",
     "installed_source",
     "keras3_samplewise_mean",
@@ -92,9 +109,14 @@ __all__ = [
 ]
 
 FRAMEWORKS: tuple[str, ...] = ("keras", "tf_keras")
-"""``"keras"``: Keras 3 as TensorFlow ships it; ``"tf_keras"``: legacy Keras 2."""
+"""``"keras"``: Keras 3 as TensorFlow ships it; ``"tf_keras"``: Keras 2."""
 
-LOSS_KINDS: tuple[str, ...] = ("string", "built-in Loss", "function", "custom Loss")
+LOSS_KINDS: tuple[str, ...] = (
+    "string",
+    "built-in Loss",
+    "function",
+    "custom Loss",
+)
 """The ways to hand ``compile`` a sparse cross-entropy."""
 
 MIDDLE_LAYERS: tuple[str, ...] = (
@@ -104,7 +126,15 @@ MIDDLE_LAYERS: tuple[str, ...] = (
     "custom layer, supports_masking",
     "raw op",
 )
-"""What :func:`build_toy_model` can put between the embedding and the output layer."""
+"""What :func:`build_toy_model` can put between embedding and output."""
+
+HEADS: tuple[str, ...] = ("Dense(softmax)", "Softmax", "Activation")
+"""The toy's output head: ``Dense(C, activation="softmax")``, or
+``Dense(C)`` followed by ``layers.Softmax()`` or by
+``layers.Activation("softmax")``."""
+
+BACKENDS: tuple[str, ...] = ("tensorflow", "torch", "jax")
+"""Keras 3 backends :func:`fixed_loss_on_backend` accepts."""
 
 PADDING_ID: int = 0
 """Token and label id of padding, as with ``Embedding(mask_zero=True)``."""
@@ -130,30 +160,46 @@ def keras_api(framework: str) -> ModuleType:
         return keras
     if framework == "tf_keras":
         return tf_keras
-    raise ValueError(f"framework must be one of {FRAMEWORKS}; got {framework!r}")
+    raise ValueError(
+        f"framework must be one of {FRAMEWORKS}; got {framework!r}"
+    )
 
 
 def _int_matrix(value: ArrayLike, name: str) -> np.ndarray:
-    """``value`` as a ``(B, T)`` int64 array, or a ``TypeError``/``ValueError``."""
+    """``value`` as a ``(B, T)`` int64 array, else an error naming ``name``."""
     array = np.asarray(value)
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer ids (B, T); got dtype {array.dtype}")
+        raise TypeError(
+            f"{name} must hold integer ids (B, T); got dtype {array.dtype}"
+        )
     if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (B, T); got shape {array.shape}")
+        raise ValueError(
+            f"{name} must be a 2-D array (B, T); got shape {array.shape}"
+        )
     if array.shape[0] < 1 or array.shape[1] < 1:
-        raise ValueError(f"{name} must have B >= 1 and T >= 1; got shape {array.shape}")
+        raise ValueError(
+            f"{name} must have B >= 1 and T >= 1; got shape {array.shape}"
+        )
     return array.astype(np.int64)
 
 
-def _float_array(value: ArrayLike, name: str, ndim: int, layout: str) -> np.ndarray:
+def _float_array(
+    value: ArrayLike, name: str, ndim: int, layout: str
+) -> np.ndarray:
     """``value`` as a float64 array of rank ``ndim`` with finite entries."""
     array = np.asarray(value)
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers {layout}; got dtype {array.dtype}")
-    if array.dtype == bool:
-        raise TypeError(f"{name} must hold real numbers {layout}; got dtype bool")
+    is_real = np.issubdtype(array.dtype, np.floating) or np.issubdtype(
+        array.dtype, np.integer
+    )
+    if not is_real or array.dtype == bool:
+        raise TypeError(
+            f"{name} must hold real numbers {layout}; got dtype {array.dtype}"
+        )
     if array.ndim != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D array {layout}; got shape {array.shape}")
+        raise ValueError(
+            f"{name} must be a {ndim}-D array {layout}; "
+            f"got shape {array.shape}"
+        )
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} must be finite")
@@ -167,24 +213,29 @@ def _check_batch(
     num_tokens: int,
     num_classes: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Validate one ``(inputs, labels, sample_weight)`` triple against the model's sizes."""
+    """Check ``(inputs, labels, sample_weight)`` against the model's sizes."""
     token_ids = _int_matrix(inputs, "inputs")
     label_ids = _int_matrix(labels, "labels")
     if label_ids.shape != token_ids.shape:
         raise ValueError(
-            f"labels must have the shape of inputs {token_ids.shape} (B, T); got {label_ids.shape}"
+            f"labels must have the shape of inputs {token_ids.shape} (B, T); "
+            f"got {label_ids.shape}"
         )
     if token_ids.min() < 0 or token_ids.max() >= num_tokens:
-        raise ValueError(f"inputs must lie in [0, {num_tokens}) (rows of token_logits)")
+        raise ValueError(
+            f"inputs must lie in [0, {num_tokens}) (rows of token_logits)"
+        )
     if label_ids.min() < 0 or label_ids.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) (columns of token_logits)")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (columns of token_logits)"
+        )
     weights = None
     if sample_weight is not None:
         weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
         if weights.shape != token_ids.shape:
             raise ValueError(
-                f"sample_weight must have the shape of inputs {token_ids.shape} (B, T); "
-                f"got {weights.shape}"
+                "sample_weight must have the shape of inputs "
+                f"{token_ids.shape} (B, T); got {weights.shape}"
             )
         if weights.min() < 0:
             raise ValueError("sample_weight must be >= 0")
@@ -194,8 +245,30 @@ def _check_batch(
 def _check_token_logits(token_logits: ArrayLike) -> np.ndarray:
     logits = _float_array(token_logits, "token_logits", 2, "(V, C)")
     if logits.shape[0] < 1 or logits.shape[1] < 2:
-        raise ValueError(f"token_logits must have V >= 1 rows and C >= 2 columns; got {logits.shape}")
+        raise ValueError(
+            "token_logits must have V >= 1 rows and C >= 2 columns; "
+            f"got {logits.shape}"
+        )
     return logits
+
+
+def _check_options(owner: object, padding_id: Any, from_logits: Any) -> None:
+    """Checks shared by the fixed loss and the corpus metrics."""
+    if isinstance(padding_id, bool) or not isinstance(padding_id, int):
+        raise TypeError(
+            f"padding_id must be an int; got {type(padding_id).__name__}"
+        )
+    if not isinstance(from_logits, bool):
+        raise TypeError(
+            f"from_logits must be a bool; got {type(from_logits).__name__}"
+        )
+    legacy = (tf_keras.losses.Loss, tf_keras.metrics.Metric)
+    if isinstance(owner, legacy) and keras.backend.backend() != "tensorflow":
+        # tf-keras feeds TensorFlow tensors to the shared keras.ops code.
+        raise RuntimeError(
+            f"{type(owner).__name__} needs Keras 3 on its TensorFlow "
+            f"backend; got {keras.backend.backend()!r}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -204,13 +277,15 @@ def _check_token_logits(token_logits: ArrayLike) -> np.ndarray:
 
 
 def uniform_logits(num_classes: int = 5) -> np.ndarray:
-    """``(C, C)`` zeros: the toy predicts ``1/C`` for every class at every position."""
+    """``(C, C)`` zeros: the toy predicts ``1/C`` for every class."""
     require_positive_int(num_classes, "num_classes")
     return np.zeros((num_classes, num_classes))
 
 
-def padding_confident_logits(num_classes: int = 5, padding_logit: float = 8.0) -> np.ndarray:
-    """``(C, C)`` logits: uniform after a real token, confident "padding" after padding.
+def padding_confident_logits(
+    num_classes: int = 5, padding_logit: float = 8.0
+) -> np.ndarray:
+    """``(C, C)`` logits: uniform after a real token, sure of padding after it.
 
     Row 0 (the padding token) scores class 0 with ``padding_logit`` and every
     other class with 0, as a model does once it has learned that padding
@@ -221,7 +296,9 @@ def padding_confident_logits(num_classes: int = 5, padding_logit: float = 8.0) -
     return logits
 
 
-def reference_token_nll(token_logits: ArrayLike, inputs: ArrayLike, labels: ArrayLike) -> np.ndarray:
+def reference_token_nll(
+    token_logits: ArrayLike, inputs: ArrayLike, labels: ArrayLike
+) -> np.ndarray:
     """Exact float64 ``-log p(label)`` of the toy at every position.
 
     Args:
@@ -230,35 +307,45 @@ def reference_token_nll(token_logits: ArrayLike, inputs: ArrayLike, labels: Arra
         labels: ``(B, T)`` int class ids in ``[0, C)``.
 
     Returns:
-        ``(B, T)`` float64, padding positions included (masking is the caller's choice).
+        ``(B, T)`` float64, padding positions included (masking is the
+        caller's choice).
     """
     logits = _check_token_logits(token_logits)
-    token_ids, label_ids, _ = _check_batch(inputs, labels, None, *logits.shape)
+    token_ids, label_ids, _ = _check_batch(
+        inputs, labels, None, *logits.shape
+    )
     log_probs = reference.log_softmax(logits)[token_ids]
-    return -np.take_along_axis(log_probs, label_ids[..., None], axis=-1)[..., 0]
+    picked = np.take_along_axis(log_probs, label_ids[..., None], axis=-1)
+    return -picked[..., 0]
 
 
 def token_weighted_mean(per_token: ArrayLike, weights: ArrayLike) -> float:
-    """``sum(w * x) / sum(w)`` over all positions, in float64 (``nan`` if ``sum(w) == 0``).
+    """``sum(w * x) / sum(w)`` in float64 (``nan`` if ``sum(w) == 0``).
 
     Args:
         per_token: ``(B, T)`` float, e.g. per-token negative log-likelihoods.
-        weights: ``(B, T)`` float ``>= 0``: the real-token mask times any sample weight.
+        weights: ``(B, T)`` float ``>= 0``: the real-token mask times any
+            sample weight.
     """
     values = _float_array(per_token, "per_token", 2, "(B, T)")
     w = _float_array(weights, "weights", 2, "(B, T)")
     if w.shape != values.shape:
-        raise ValueError(f"weights must have the shape of per_token {values.shape}; got {w.shape}")
+        raise ValueError(
+            f"weights must have the shape of per_token {values.shape}; "
+            f"got {w.shape}"
+        )
     total = float(w.sum())
     return float((w * values).sum() / total) if total else float("nan")
 
 
-def historical_masked_mean(per_token_loss: ArrayLike, mask: ArrayLike) -> float:
-    """HISTORICAL: the reduction tf.keras applied to a masked output up to Keras 2.10.
+def historical_masked_mean(
+    per_token_loss: ArrayLike, mask: ArrayLike
+) -> float:
+    """HISTORICAL: tf.keras's reduction of a masked output up to Keras 2.10.
 
-    ``compile`` turned the output's mask into a 0/1 sample weight; ``Loss.__call__``
-    then reduced with ``SUM_OVER_BATCH_SIZE``, which divides by the number of
-    elements, padding included::
+    ``compile`` turned the output's mask into a 0/1 sample weight;
+    ``Loss.__call__`` then reduced with ``SUM_OVER_BATCH_SIZE``, which
+    divides by the number of elements, padding included::
 
         loss = sum(m * nll) / (B * T)
 
@@ -275,14 +362,19 @@ def historical_masked_mean(per_token_loss: ArrayLike, mask: ArrayLike) -> float:
     values = _float_array(per_token_loss, "per_token_loss", 2, "(B, T)")
     m = _float_array(np.asarray(mask, dtype=np.float64), "mask", 2, "(B, T)")
     if m.shape != values.shape:
-        raise ValueError(f"mask must have the shape of per_token_loss {values.shape}; got {m.shape}")
+        raise ValueError(
+            f"mask must have the shape of per_token_loss {values.shape}; "
+            f"got {m.shape}"
+        )
     if not np.all((m == 0) | (m == 1)):
         raise ValueError("mask must hold only 0 and 1")
     return float((m * values).sum() / values.size)
 
 
-def sequence_weighted_epoch_mean(batch_means: Sequence[float], batch_sizes: Sequence[int]) -> float:
-    """What ``fit``/``evaluate`` report for an epoch: batch means weighted by sequences.
+def sequence_weighted_epoch_mean(
+    batch_means: Sequence[float], batch_sizes: Sequence[int]
+) -> float:
+    """What ``fit``/``evaluate`` report for an epoch: batch means by sequences.
 
     Both Keras versions feed each batch's loss to a ``Mean`` metric with
     ``sample_weight = B`` (the batch's number of sequences), so the epoch
@@ -291,23 +383,33 @@ def sequence_weighted_epoch_mean(batch_means: Sequence[float], batch_sizes: Sequ
     means = np.asarray(batch_means, dtype=np.float64)
     sizes = np.asarray(batch_sizes, dtype=np.float64)
     if means.ndim != 1 or means.shape != sizes.shape or means.size == 0:
-        raise ValueError("batch_means and batch_sizes must be non-empty 1-D sequences of equal length")
+        raise ValueError(
+            "batch_means and batch_sizes must be non-empty 1-D sequences "
+            "of equal length"
+        )
     if np.any(sizes < 1):
         raise ValueError("batch_sizes must be >= 1")
     return float((sizes * means).sum() / sizes.sum())
 
 
-def padded(sequences: Sequence[Sequence[int]], length: int | None = None) -> np.ndarray:
-    """Right-pad integer sequences with :data:`PADDING_ID` to ``(B, length)`` int32.
+def padded(
+    sequences: Sequence[Sequence[int]], length: int | None = None
+) -> np.ndarray:
+    """Right-pad int sequences with :data:`PADDING_ID` to ``(B, length)``.
 
-    ``length`` defaults to the longest sequence.
+    ``length`` defaults to the longest sequence; the result is int32.
     """
     if not sequences:
         raise ValueError("sequences must contain at least one sequence")
     longest = max(len(s) for s in sequences)
-    width = longest if length is None else require_positive_int(length, "length")
+    if length is None:
+        width = longest
+    else:
+        width = require_positive_int(length, "length")
     if width < longest:
-        raise ValueError(f"length must be >= the longest sequence ({longest}); got {width}")
+        raise ValueError(
+            f"length must be >= the longest sequence ({longest}); got {width}"
+        )
     out = np.full((len(sequences), width), PADDING_ID, dtype=np.int32)
     for row, sequence in enumerate(sequences):
         out[row, : len(sequence)] = np.asarray(sequence, dtype=np.int32)
@@ -315,175 +417,205 @@ def padded(sequences: Sequence[Sequence[int]], length: int | None = None) -> np.
 
 
 # ---------------------------------------------------------------------------
-# TensorFlow side: losses and metrics
+# Keras side: the fixed loss and the corpus metrics, in keras.ops
 # ---------------------------------------------------------------------------
 
 
-def _token_nll_and_weights(
-    y_true: Any,
-    y_pred: Any,
-    sample_weight: Any,
-    padding_id: int,
-    from_logits: bool,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-token ``-log p(label)`` and weights ``w`` = real-token indicator x sample weight.
+def _as_float(y_pred: Any) -> Any:
+    """``y_pred`` as a tensor of a float dtype (float32 unless it has one)."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    if not keras.backend.is_float_dtype(y_pred.dtype):
+        y_pred = ops.cast(y_pred, "float32")
+    return y_pred
 
-    The labels, not a Keras mask, decide what is padding: a mask can be lost
-    on the way through the model (this chapter shows how), labels cannot.
+
+def _labels_and_real(y_true: Any, y_pred: Any, padding_id: int) -> Any:
+    """``(labels, real)``: class ids safe to gather, and the real tokens.
 
     Args:
-        y_true: ``(B, T)`` or ``(B, T, 1)`` int labels, ``padding_id`` = padding.
-        y_pred: ``(B, T, C)`` float probabilities (or logits if ``from_logits``).
-        sample_weight: ``None``, ``(B,)``, ``(B, T)`` or ``(B, T, 1)`` float.
+        y_true: ``(B, T)`` or ``(B, T, 1)`` labels, ``padding_id`` = padding.
+        y_pred: ``(B, T, C)`` float tensor (only its rank and dtype are used).
 
     Returns:
-        ``(nll, weights)``, both ``(B, T)`` float; ``nll`` is 0 on padding.
+        ``labels``: ``(B, T)`` int32, padding replaced by class 0 (padding
+        may be an id outside ``[0, C)``, e.g. -100); ``real``: ``(B, T)``
+        of ``y_pred``'s dtype, 1 on real tokens and 0 on padding.
     """
-    y_pred = tf.convert_to_tensor(y_pred)
-    if not y_pred.dtype.is_floating:
-        y_pred = tf.cast(y_pred, tf.float32)
-    labels = tf.convert_to_tensor(y_true)
-    if labels.shape.rank == y_pred.shape.rank:
-        labels = tf.squeeze(labels, axis=-1)
-    labels = tf.cast(labels, tf.int32)
-    is_real = tf.not_equal(labels, padding_id)
-    # Padding may use an id outside [0, C) (e.g. -100); gather a valid class there.
-    safe_labels = tf.where(is_real, labels, tf.zeros_like(labels))
-    if from_logits:
-        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=y_pred)
-    else:
-        # Same clipping as Keras's own sparse cross-entropy on probabilities.
-        epsilon = keras.backend.epsilon()
-        probs = tf.clip_by_value(y_pred, epsilon, 1.0 - epsilon)
-        picked = tf.gather(probs, safe_labels, axis=-1, batch_dims=labels.shape.rank)
-        nll = -tf.math.log(picked)
-    weights = tf.cast(is_real, nll.dtype)
-    nll = nll * weights
-    if sample_weight is not None:
-        sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), nll.dtype)
-        if sample_weight.shape.rank == 1:
-            sample_weight = sample_weight[:, tf.newaxis]
-        elif sample_weight.shape.rank == 3:
-            sample_weight = tf.squeeze(sample_weight, axis=-1)
-        weights = weights * sample_weight
-    return nll, weights
+    labels = ops.convert_to_tensor(y_true)
+    if len(labels.shape) == len(y_pred.shape):
+        labels = ops.squeeze(labels, axis=-1)
+    labels = ops.cast(labels, "int32")
+    is_real = ops.not_equal(labels, padding_id)
+    return ops.where(is_real, labels, 0), ops.cast(is_real, y_pred.dtype)
 
 
-def _token_nll_sums(
-    y_true: Any,
-    y_pred: Any,
-    sample_weight: Any,
-    padding_id: int,
-    from_logits: bool,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """``(sum of w * nll, sum of w)`` over a batch; see :func:`_token_nll_and_weights`."""
-    nll, weights = _token_nll_and_weights(y_true, y_pred, sample_weight, padding_id, from_logits)
-    return tf.reduce_sum(nll * weights), tf.reduce_sum(weights)
+def _token_nll(
+    y_true: Any, y_pred: Any, padding_id: int, from_logits: bool
+) -> Any:
+    """``(B, T)`` per-token ``-log p(label)``, 0 on padding.
+
+    The labels, not a Keras mask, decide what is padding: a mask can be
+    lost on the way through the model (the chapter shows how), labels
+    cannot.  ``y_pred`` is ``(B, T, C)`` probabilities, clipped as Keras's
+    own sparse cross-entropy clips them, or logits if ``from_logits``.
+    """
+    y_pred = _as_float(y_pred)
+    labels, real = _labels_and_real(y_true, y_pred, padding_id)
+    nll = ops.sparse_categorical_crossentropy(
+        labels, y_pred, from_logits=from_logits
+    )
+    return nll * real
+
+
+def _token_weights(
+    y_true: Any, y_pred: Any, sample_weight: Any, padding_id: int
+) -> Any:
+    """``(B, T)`` weights ``w``: real-token indicator x ``sample_weight``.
+
+    ``sample_weight`` is ``None``, ``(B,)`` (one weight per sequence),
+    ``(B, T)`` or ``(B, T, 1)``, broadcast as Keras broadcasts it.
+    """
+    _, weights = _labels_and_real(y_true, _as_float(y_pred), padding_id)
+    if sample_weight is None:
+        return weights
+    sample_weight = ops.cast(sample_weight, weights.dtype)
+    if len(sample_weight.shape) == 1:
+        sample_weight = ops.expand_dims(sample_weight, axis=-1)
+    elif len(sample_weight.shape) == 3:
+        sample_weight = ops.squeeze(sample_weight, axis=-1)
+    return weights * sample_weight
 
 
 class _MaskedTokenMean:
-    """Shared body of :class:`MaskedSparseCrossEntropy` for both Keras versions."""
+    """Shared body of :class:`MaskedSparseCrossEntropy` and its twin."""
 
     def __init__(
-        self, padding_id: int = PADDING_ID, from_logits: bool = False, name: str = "masked_sparse_ce"
+        self,
+        padding_id: int = PADDING_ID,
+        from_logits: bool = False,
+        name: str = "masked_sparse_ce",
     ) -> None:
-        if isinstance(padding_id, bool) or not isinstance(padding_id, int):
-            raise TypeError(f"padding_id must be an int; got {type(padding_id).__name__}")
-        if not isinstance(from_logits, bool):
-            raise TypeError(f"from_logits must be a bool; got {type(from_logits).__name__}")
-        super().__init__(name=name, reduction="sum_over_batch_size")
+        _check_options(self, padding_id, from_logits)
+        # Keras weights the per-token losses of `call` and sums them.
+        super().__init__(name=name, reduction="sum")
         self.padding_id = padding_id
         self.from_logits = from_logits
 
-    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> tf.Tensor:
-        # The whole reduction lives here, so neither Keras version can rescale it.
-        total, count = _token_nll_sums(
-            y_true, y_pred, sample_weight, self.padding_id, self.from_logits
-        )
-        # A batch of padding only contributes 0 (and no gradient), not nan.
-        return tf.math.divide_no_nan(total, count)
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        """``(B, T)`` per-token losses, 0 on padding."""
+        return _token_nll(y_true, y_pred, self.padding_id, self.from_logits)
 
-    def call(self, y_true: Any, y_pred: Any) -> tf.Tensor:
-        """``(B, T)`` per-token losses, 0 on padding (``__call__`` does the reduction)."""
-        nll, _ = _token_nll_and_weights(y_true, y_pred, None, self.padding_id, self.from_logits)
-        return nll
+    def __call__(
+        self, y_true: Any, y_pred: Any, sample_weight: Any = None
+    ) -> Any:
+        # `call` never sees sample_weight, and no reduction of both Keras
+        # versions divides by the weight of the real tokens: form that
+        # weight here, let Keras's "sum" apply it, then divide by its sum.
+        weights = _token_weights(
+            y_true, y_pred, sample_weight, self.padding_id
+        )
+        total = super().__call__(y_true, y_pred, sample_weight=weights)
+        count = ops.cast(ops.sum(weights), total.dtype)
+        # A batch of padding alone gives 0 (and no gradient), not nan.
+        return ops.divide_no_nan(total, count)
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "padding_id": self.padding_id, "from_logits": self.from_logits}
+        return {
+            "name": self.name,
+            "padding_id": self.padding_id,
+            "from_logits": self.from_logits,
+        }
 
 
 class MaskedSparseCrossEntropy(_MaskedTokenMean, keras.losses.Loss):
-    """Keras 3 loss: summed ``-log p(label)`` over real tokens / their (weighted) count.
+    """Keras 3 loss: ``-log p(label)`` summed over real tokens / their weight.
 
     ``loss(y_true, y_pred, sample_weight)``:
 
     * ``y_true``: ``(B, T)`` int, ``padding_id`` = padding (default 0);
-    * ``y_pred``: ``(B, T, C)`` float probabilities (logits if ``from_logits=True``);
+    * ``y_pred``: ``(B, T, C)`` float probabilities (logits if
+      ``from_logits=True``);
     * ``sample_weight``: optional ``(B,)`` or ``(B, T)`` float.
 
-    Returns ``sum(w * nll) / sum(w)`` with ``w`` = (label != padding_id) x weight,
-    a scalar; 0 when the batch holds no real token.  The labels decide what is
-    padding, so a Keras mask lost on the way does not matter, and a
-    ``sample_weight`` never dilutes the denominator.
+    Returns ``sum(w * nll) / sum(w)`` with ``w`` = (label != padding_id) x
+    weight, a scalar; 0 when the batch holds no real token.  The labels
+    decide what is padding, so a Keras mask lost on the way does not matter,
+    and a ``sample_weight`` never dilutes the denominator.  ``call`` gives
+    the per-token losses, Keras's ``"sum"`` reduction weights and adds them,
+    and ``__call__`` divides.  Written in ``keras.ops``: any backend.
     """
 
 
 class LegacyMaskedSparseCrossEntropy(_MaskedTokenMean, tf_keras.losses.Loss):
-    """tf-keras (Keras 2) twin of :class:`MaskedSparseCrossEntropy`, same arguments."""
+    """tf-keras (Keras 2) twin of :class:`MaskedSparseCrossEntropy`."""
 
 
 class _CorpusNLL:
     """Shared body of the corpus-level metrics for both Keras versions."""
 
     def __init__(
-        self, padding_id: int = PADDING_ID, from_logits: bool = False, name: str = "corpus_ce"
+        self,
+        padding_id: int = PADDING_ID,
+        from_logits: bool = False,
+        name: str = "corpus_ce",
     ) -> None:
-        if isinstance(padding_id, bool) or not isinstance(padding_id, int):
-            raise TypeError(f"padding_id must be an int; got {type(padding_id).__name__}")
-        if not isinstance(from_logits, bool):
-            raise TypeError(f"from_logits must be a bool; got {type(from_logits).__name__}")
+        _check_options(self, padding_id, from_logits)
         super().__init__(name=name)
         self.padding_id = padding_id
         self.from_logits = from_logits
-        self.total_nll = self.add_weight(name="total_nll", shape=(), initializer="zeros")
-        self.total_tokens = self.add_weight(name="total_tokens", shape=(), initializer="zeros")
-
-    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
-        total, count = _token_nll_sums(
-            y_true, y_pred, sample_weight, self.padding_id, self.from_logits
+        self.total_nll = self.add_weight(
+            name="total_nll", shape=(), initializer="zeros"
         )
-        self.total_nll.assign_add(tf.cast(total, self.total_nll.dtype))
-        self.total_tokens.assign_add(tf.cast(count, self.total_tokens.dtype))
-
-    def result(self) -> tf.Tensor:
-        return tf.math.divide_no_nan(
-            tf.convert_to_tensor(self.total_nll), tf.convert_to_tensor(self.total_tokens)
+        self.total_tokens = self.add_weight(
+            name="total_tokens", shape=(), initializer="zeros"
         )
+
+    def update_state(
+        self, y_true: Any, y_pred: Any, sample_weight: Any = None
+    ) -> None:
+        nll = _token_nll(y_true, y_pred, self.padding_id, self.from_logits)
+        weights = _token_weights(
+            y_true, y_pred, sample_weight, self.padding_id
+        )
+        total = ops.sum(nll * weights)
+        self.total_nll.assign_add(ops.cast(total, self.total_nll.dtype))
+        count = ops.sum(weights)
+        self.total_tokens.assign_add(ops.cast(count, self.total_tokens.dtype))
+
+    def result(self) -> Any:
+        return ops.divide_no_nan(self.total_nll, self.total_tokens)
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "padding_id": self.padding_id, "from_logits": self.from_logits}
+        return {
+            "name": self.name,
+            "padding_id": self.padding_id,
+            "from_logits": self.from_logits,
+        }
 
 
 class CorpusCrossEntropy(_CorpusNLL, keras.metrics.Metric):
-    """Keras 3 metric: token-level mean ``-log p(label)`` over everything seen.
+    """Keras 3 metric: token-level mean ``-log p(label)`` over all it sees.
 
     It keeps two sums across batches, ``sum(w * nll)`` and ``sum(w)``
-    (``w`` = real-token indicator x optional weight), and reports their ratio,
-    so batch sizes and padded lengths do not change the result.  Arguments and
-    shapes as :class:`MaskedSparseCrossEntropy`.
+    (``w`` = real-token indicator x optional weight), and reports their
+    ratio, so batch sizes and padded lengths do not change the result.
+    Arguments and shapes as :class:`MaskedSparseCrossEntropy`.
     """
 
 
 class CorpusPerplexity(CorpusCrossEntropy):
-    """Keras 3 metric: ``exp`` of :class:`CorpusCrossEntropy`, the corpus perplexity."""
+    """Keras 3 metric: ``exp`` of :class:`CorpusCrossEntropy`."""
 
     def __init__(
-        self, padding_id: int = PADDING_ID, from_logits: bool = False, name: str = "corpus_perplexity"
+        self,
+        padding_id: int = PADDING_ID,
+        from_logits: bool = False,
+        name: str = "corpus_perplexity",
     ) -> None:
-        super().__init__(padding_id=padding_id, from_logits=from_logits, name=name)
+        super().__init__(padding_id, from_logits, name)
 
-    def result(self) -> tf.Tensor:
-        return tf.exp(super().result())
+    def result(self) -> Any:
+        return ops.exp(super().result())
 
 
 class LegacyCorpusCrossEntropy(_CorpusNLL, tf_keras.metrics.Metric):
@@ -494,27 +626,35 @@ class LegacyCorpusPerplexity(LegacyCorpusCrossEntropy):
     """tf-keras (Keras 2) twin of :class:`CorpusPerplexity`."""
 
     def __init__(
-        self, padding_id: int = PADDING_ID, from_logits: bool = False, name: str = "corpus_perplexity"
+        self,
+        padding_id: int = PADDING_ID,
+        from_logits: bool = False,
+        name: str = "corpus_perplexity",
     ) -> None:
-        super().__init__(padding_id=padding_id, from_logits=from_logits, name=name)
+        super().__init__(padding_id, from_logits, name)
 
-    def result(self) -> tf.Tensor:
-        return tf.exp(super().result())
+    def result(self) -> Any:
+        return ops.exp(super().result())
 
 
-class HistoricalSparseCategoricalCrossentropy(tf_keras.losses.SparseCategoricalCrossentropy):
-    """HISTORICAL: tf-keras's sparse cross-entropy with ``Loss.__call__`` as of Keras 2.9/2.10.
+class HistoricalSparseCategoricalCrossentropy(
+    tf_keras.losses.SparseCategoricalCrossentropy
+):
+    """HISTORICAL: tf-keras's sparse cross-entropy, old ``Loss.__call__``.
 
     Up to Keras 2.10, ``Loss.__call__`` ended with
-    ``compute_weighted_loss(losses, sample_weight, reduction)``: no rescaling of
-    the mask that ``compile`` had already folded into ``sample_weight``.  Keras
-    2.11 inserted ``apply_valid_mask`` (``total / valid``) before it, for the
-    mask on ``y_pred``.  This class removes that step again, so ``fit`` and
-    ``evaluate`` of a tf-keras model report what TensorFlow 2.0-2.10 reported.
-    Do not train with it: it is here to reproduce old numbers.
+    ``compute_weighted_loss(losses, sample_weight, reduction)``: no
+    rescaling of the mask that ``compile`` had already folded into
+    ``sample_weight``.  Keras 2.11 inserted ``apply_valid_mask``
+    (``total / valid``) before it, for the mask on ``y_pred``.  This class
+    removes that step again, so ``fit`` and ``evaluate`` of a tf-keras model
+    report what TensorFlow 2.0-2.10 reported.  Do not train with it: it is
+    here to reproduce old numbers.
     """
 
-    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> tf.Tensor:
+    def __call__(
+        self, y_true: Any, y_pred: Any, sample_weight: Any = None
+    ) -> tf.Tensor:
         losses = self.call(y_true, y_pred)
         return _tf_keras_compute_weighted_loss(
             losses, sample_weight, reduction=self._get_reduction()
@@ -527,40 +667,43 @@ class HistoricalSparseCategoricalCrossentropy(tf_keras.losses.SparseCategoricalC
 
 
 def _keras_sparse_ce(y_true: Any, y_pred: Any) -> Any:
-    """A plain function loss for Keras 3: per-token cross-entropy, no reduction."""
+    """A plain function loss for Keras 3: per-token cross-entropy."""
     return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
 
 
 def _tf_keras_sparse_ce(y_true: Any, y_pred: Any) -> Any:
-    """A plain function loss for tf-keras: per-token cross-entropy, no reduction."""
+    """A plain function loss for tf-keras: per-token cross-entropy."""
     return tf_keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
 
 
 class SubclassedSparseCrossEntropy(keras.losses.Loss):
-    """A user-written Keras 3 ``Loss`` subclass: ``call`` returns ``(B, T)`` per-token losses."""
+    """A user-written Keras 3 ``Loss``: ``call`` gives per-token losses."""
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
 
 
 class LegacySubclassedSparseCrossEntropy(tf_keras.losses.Loss):
-    """A user-written tf-keras ``Loss`` subclass: ``call`` returns ``(B, T)`` per-token losses."""
+    """A user-written tf-keras ``Loss``: ``call`` gives per-token losses."""
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         return tf_keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
 
 
 def make_loss(framework: str, kind: str) -> Any:
-    """A sparse cross-entropy of the given ``kind`` (one of :data:`LOSS_KINDS`) for ``compile``."""
+    """A sparse cross-entropy of ``kind`` (see :data:`LOSS_KINDS`)."""
     K = keras_api(framework)
+    legacy = K is tf_keras
     if kind == "string":
         return "sparse_categorical_crossentropy"
     if kind == "built-in Loss":
         return K.losses.SparseCategoricalCrossentropy()
     if kind == "function":
-        return _keras_sparse_ce if framework == "keras" else _tf_keras_sparse_ce
+        return _tf_keras_sparse_ce if legacy else _keras_sparse_ce
     if kind == "custom Loss":
-        return SubclassedSparseCrossEntropy() if framework == "keras" else LegacySubclassedSparseCrossEntropy()
+        if legacy:
+            return LegacySubclassedSparseCrossEntropy()
+        return SubclassedSparseCrossEntropy()
     raise ValueError(f"kind must be one of {LOSS_KINDS}; got {kind!r}")
 
 
@@ -572,10 +715,13 @@ def fixed_loss(framework: str, padding_id: int = PADDING_ID) -> Any:
 
 
 def corpus_metrics(framework: str, padding_id: int = PADDING_ID) -> list[Any]:
-    """``[corpus cross-entropy, corpus perplexity]`` metrics for ``framework``."""
+    """``[corpus cross-entropy, corpus perplexity]`` for ``framework``."""
     if keras_api(framework) is keras:
         return [CorpusCrossEntropy(padding_id), CorpusPerplexity(padding_id)]
-    return [LegacyCorpusCrossEntropy(padding_id), LegacyCorpusPerplexity(padding_id)]
+    return [
+        LegacyCorpusCrossEntropy(padding_id),
+        LegacyCorpusPerplexity(padding_id),
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -584,14 +730,14 @@ def corpus_metrics(framework: str, padding_id: int = PADDING_ID) -> list[Any]:
 
 
 class _KerasIdentityNoMask(keras.layers.Layer):
-    """A Keras 3 layer written without ``supports_masking``: returns its input."""
+    """A Keras 3 layer written without ``supports_masking``: the identity."""
 
     def call(self, inputs: Any) -> Any:
         return inputs * 1.0
 
 
 class _KerasIdentityWithMask(keras.layers.Layer):
-    """The same layer declaring ``supports_masking = True``: the mask passes through."""
+    """The same layer declaring ``supports_masking = True``."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -602,7 +748,7 @@ class _KerasIdentityWithMask(keras.layers.Layer):
 
 
 class _TfKerasIdentityNoMask(tf_keras.layers.Layer):
-    """A tf-keras layer written without ``supports_masking``: returns its input."""
+    """A tf-keras layer written without ``supports_masking``: the identity."""
 
     def call(self, inputs: Any) -> Any:
         return inputs * 1.0
@@ -626,15 +772,21 @@ def _middle(framework: str, middle: str) -> Callable[[Any], Any] | None:
     if middle == "Lambda":
         return K.layers.Lambda(lambda t: t * 1.0)
     if middle == "custom layer":
-        return _KerasIdentityNoMask() if K is keras else _TfKerasIdentityNoMask()
+        if K is keras:
+            return _KerasIdentityNoMask()
+        return _TfKerasIdentityNoMask()
     if middle == "custom layer, supports_masking":
-        return _KerasIdentityWithMask() if K is keras else _TfKerasIdentityWithMask()
+        if K is keras:
+            return _KerasIdentityWithMask()
+        return _TfKerasIdentityWithMask()
     if middle == "raw op":
-        # An op applied to a symbolic tensor outside any layer, as in `h = h * scale`.
+        # An op on a symbolic tensor outside any layer: `h = h * scale`.
         if K is keras:
             return lambda t: keras.ops.multiply(t, 1.0)
         return lambda t: tf.multiply(t, 1.0)
-    raise ValueError(f"middle must be one of {MIDDLE_LAYERS}; got {middle!r}")
+    raise ValueError(
+        f"middle must be one of {MIDDLE_LAYERS}; got {middle!r}"
+    )
 
 
 def build_toy_model(
@@ -643,58 +795,75 @@ def build_toy_model(
     *,
     mask_zero: bool = True,
     middle: str = "none",
-    softmax_layer: bool = False,
+    head: str = "Dense(softmax)",
 ) -> Any:
-    """The source's toy: ``Embedding(mask_zero=True)`` -> ``Dense(C, softmax)``.
+    """The source's toy: ``Embedding(mask_zero=True)``, ``Dense(C, softmax)``.
 
-    The embedding holds ``token_logits`` and the dense layer is the identity,
-    so the model's output at a position whose input token is ``v`` is exactly
-    ``softmax(token_logits[v])``.  With :func:`uniform_logits` that is
-    ``1/C`` everywhere, the source's "probability 0.2 for every class".
+    The embedding holds ``token_logits`` and the dense layer is the
+    identity, so the model's output at a position whose input token is ``v``
+    is exactly ``softmax(token_logits[v])``.  With :func:`uniform_logits`
+    that is ``1/C`` everywhere, the source's "probability 0.2 for every
+    class".
 
     Args:
         framework: ``"keras"`` or ``"tf_keras"``.
         token_logits: ``(V, C)`` float.
         mask_zero: whether the embedding attaches a padding mask (token 0).
-        middle: one of :data:`MIDDLE_LAYERS`, inserted after the embedding.
-        softmax_layer: use ``Dense(C)`` then ``layers.Softmax()`` instead of
-            ``Dense(C, activation="softmax")``.
+        middle: one of :data:`MIDDLE_LAYERS`, put after the embedding.
+        head: one of :data:`HEADS`, how the softmax is applied.
 
     Returns:
-        An uncompiled functional model, ``(B, T)`` int32 -> ``(B, T, C)`` float32.
+        An uncompiled functional model, ``(B, T)`` int32 -> ``(B, T, C)``
+        float32.
     """
     K = keras_api(framework)
     logits = _check_token_logits(token_logits)
     if not isinstance(mask_zero, bool):
-        raise TypeError(f"mask_zero must be a bool; got {type(mask_zero).__name__}")
+        raise TypeError(
+            f"mask_zero must be a bool; got {type(mask_zero).__name__}"
+        )
     if middle not in MIDDLE_LAYERS:
-        raise ValueError(f"middle must be one of {MIDDLE_LAYERS}; got {middle!r}")
+        raise ValueError(
+            f"middle must be one of {MIDDLE_LAYERS}; got {middle!r}"
+        )
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}; got {head!r}")
     num_tokens, num_classes = logits.shape
     inputs = K.Input(shape=(None,), dtype="int32")
-    embedding = K.layers.Embedding(num_tokens, num_classes, mask_zero=mask_zero)
+    embedding = K.layers.Embedding(
+        num_tokens, num_classes, mask_zero=mask_zero
+    )
     hidden = embedding(inputs)
     between = _middle(framework, middle)
     if between is not None:
         hidden = between(hidden)
-    dense = K.layers.Dense(num_classes, activation=None if softmax_layer else "softmax")
+    activation = "softmax" if head == "Dense(softmax)" else None
+    dense = K.layers.Dense(num_classes, activation=activation)
     outputs = dense(hidden)
-    if softmax_layer:
+    if head == "Softmax":
         outputs = K.layers.Softmax()(outputs)
+    elif head == "Activation":
+        outputs = K.layers.Activation("softmax")(outputs)
     model = K.Model(inputs, outputs)
     embedding.set_weights([logits.astype(np.float32)])
-    dense.set_weights([np.eye(num_classes, dtype=np.float32), np.zeros(num_classes, np.float32)])
+    identity = np.eye(num_classes, dtype=np.float32)
+    dense.set_weights([identity, np.zeros(num_classes, np.float32)])
     return model
 
 
-def softmax_layer_probabilities(framework: str, inputs: ArrayLike, token_logits: ArrayLike) -> np.ndarray:
-    """Output of the toy built with ``layers.Softmax()`` on ``inputs``, ``(B, T, C)`` float32.
+def softmax_layer_probabilities(
+    framework: str, inputs: ArrayLike, token_logits: ArrayLike
+) -> np.ndarray:
+    """The toy with ``layers.Softmax()`` on ``inputs``, ``(B, T, C)`` float32.
 
-    Raises whatever the Keras version raises when the ``(B, T)`` mask does not
-    broadcast against ``(B, T, C)``.
+    Raises whatever the Keras version raises when the ``(B, T)`` mask does
+    not broadcast against ``(B, T, C)``.
     """
     logits = _check_token_logits(token_logits)
-    token_ids, _, _ = _check_batch(inputs, np.zeros_like(np.asarray(inputs)), None, *logits.shape)
-    model = build_toy_model(framework, logits, softmax_layer=True)
+    token_ids, _, _ = _check_batch(
+        inputs, np.zeros_like(np.asarray(inputs)), None, *logits.shape
+    )
+    model = build_toy_model(framework, logits, head="Softmax")
     return np.asarray(model(token_ids.astype(np.int32)))
 
 
@@ -709,11 +878,12 @@ class _DropRetracingWarning(logging.Filter):
 
 
 def quiet_retracing_warnings() -> None:
-    """Drop TensorFlow's "triggered tf.function retracing" log warning, and only that.
+    """Drop TensorFlow's "triggered tf.function retracing" warning only.
 
     This chapter builds dozens of tiny models on purpose; each traces its own
-    train step, which TensorFlow reports as excessive retracing of one Python
-    function.  That performance hint does not apply here.  Idempotent.
+    train step, which TensorFlow reports as excessive retracing of one
+    Python function.  That performance hint does not apply here.
+    Idempotent.
     """
     logger = tf.get_logger()
     if not any(isinstance(f, _DropRetracingWarning) for f in logger.filters):
@@ -722,7 +892,10 @@ def quiet_retracing_warnings() -> None:
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: ``inputs`` and ``labels`` ``(B, T)`` int, optional ``sample_weight`` ``(B, T)``."""
+    """One batch: ``inputs``, ``labels`` ``(B, T)`` int, ``sample_weight``.
+
+    ``sample_weight`` is ``None`` or ``(B, T)`` float.
+    """
 
     inputs: np.ndarray
     labels: np.ndarray
@@ -734,12 +907,15 @@ class Reported:
     """What Keras reported for one model and loss.
 
     Attributes:
-        fit: ``history.history`` after one epoch (learning rate 0), name -> value;
-            empty when ``fit`` was not run.
+        fit: ``history.history`` after one epoch (learning rate 0),
+            name -> value; empty when ``fit`` was not run.
         evaluate: ``evaluate(..., return_dict=True)``, name -> value.
-        compute_loss: ``model.compute_loss`` on the single batch (``nan`` with several batches).
-        predictions: the model's ``(B, T, C)`` output on the single batch (``None`` with several).
-        mask_warnings: messages of the ``UserWarning``s Keras raised about masks.
+        compute_loss: ``model.compute_loss`` on the single batch (``nan``
+            with several batches).
+        predictions: the model's ``(B, T, C)`` output on the single batch
+            (``None`` with several).
+        mask_warnings: messages of the ``UserWarning``s Keras raised about
+            masks.
     """
 
     fit: dict[str, float]
@@ -752,7 +928,9 @@ class Reported:
 def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
     items = [batches] if isinstance(batches, Batch) else list(batches)
     if not items or not all(isinstance(b, Batch) for b in items):
-        raise TypeError("batches must be a Batch or a non-empty sequence of Batch")
+        raise TypeError(
+            "batches must be a Batch or a non-empty sequence of Batch"
+        )
     with_weights = {b.sample_weight is not None for b in items}
     if len(with_weights) != 1:
         raise ValueError("either every batch has a sample_weight or none does")
@@ -761,6 +939,7 @@ def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
 
 def _dataset(batches: list[Batch]) -> tf.data.Dataset:
     """One dataset element per batch, so each keeps its own padded length."""
+
     def element(b: Batch) -> tuple[Any, ...]:
         x = b.inputs.astype(np.int32)
         y = b.labels.astype(np.int32)
@@ -770,7 +949,8 @@ def _dataset(batches: list[Batch]) -> tf.data.Dataset:
 
     dataset = tf.data.Dataset.from_tensors(element(batches[0]))
     for b in batches[1:]:
-        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(element(b)))
+        following = tf.data.Dataset.from_tensors(element(b))
+        dataset = dataset.concatenate(following)
     return dataset
 
 
@@ -783,15 +963,16 @@ def report(
     metrics: Sequence[Any] | None = None,
     mask_zero: bool = True,
     middle: str = "none",
+    head: str = "Dense(softmax)",
     fit: bool = True,
 ) -> Reported:
-    """Compile the toy with ``loss``, run one ``fit`` epoch and ``evaluate``, and read the numbers.
+    """Compile the toy with ``loss``, run ``fit`` and ``evaluate``, read them.
 
     The optimizer has learning rate 0, so ``fit`` sees the same weights as
     ``evaluate``.  Each :class:`Batch` is one step (its own padded length).
     ``metrics`` go to ``weighted_metrics``, so they see the sample weights;
-    the default is Keras's own ``SparseCategoricalCrossentropy`` metric, named
-    ``"metric"``.
+    the default is Keras's own ``SparseCategoricalCrossentropy`` metric,
+    named ``"metric"``.
 
     Args:
         framework: ``"keras"`` or ``"tf_keras"``.
@@ -799,9 +980,9 @@ def report(
         batches: one :class:`Batch` or several.
         token_logits: ``(V, C)`` float, see :func:`build_toy_model`.
         metrics: metric objects for ``weighted_metrics``.
-        mask_zero, middle: passed to :func:`build_toy_model`.
-        fit: run the ``fit`` epoch (skip it where only ``evaluate`` matters;
-            each traced step costs about a second on a small CPU).
+        mask_zero, middle, head: passed to :func:`build_toy_model`.
+        fit: run the ``fit`` epoch (skip it where only ``evaluate``
+            matters; each traced step costs about a second on a small CPU).
 
     Returns:
         A :class:`Reported`.
@@ -809,8 +990,10 @@ def report(
     K = keras_api(framework)
     logits = _check_token_logits(token_logits)
     items = _as_batches(batches)
+    sizes = logits.shape
     checked = [
-        Batch(*_check_batch(b.inputs, b.labels, b.sample_weight, *logits.shape)) for b in items
+        Batch(*_check_batch(b.inputs, b.labels, b.sample_weight, *sizes))
+        for b in items
     ]
     quiet_retracing_warnings()
     if metrics is None:
@@ -818,7 +1001,9 @@ def report(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         K.utils.set_random_seed(0)
-        model = build_toy_model(framework, logits, mask_zero=mask_zero, middle=middle)
+        model = build_toy_model(
+            framework, logits, mask_zero=mask_zero, middle=middle, head=head
+        )
         model.compile(
             optimizer=K.optimizers.SGD(learning_rate=0.0),
             loss=loss,
@@ -826,20 +1011,28 @@ def report(
         )
         history = {}
         if fit:
-            history = model.fit(_dataset(checked), epochs=1, verbose=0, shuffle=False).history
-        evaluated = model.evaluate(_dataset(checked), verbose=0, return_dict=True)
+            history = model.fit(
+                _dataset(checked), epochs=1, verbose=0, shuffle=False
+            ).history
+        evaluated = model.evaluate(
+            _dataset(checked), verbose=0, return_dict=True
+        )
         compute_loss, predictions = float("nan"), None
         if len(checked) == 1:
             only = checked[0]
             x = tf.constant(only.inputs, dtype=tf.int32)
             y = tf.constant(only.labels, dtype=tf.int32)
-            sw = None if only.sample_weight is None else tf.constant(only.sample_weight, tf.float32)
+            sw = None
+            if only.sample_weight is not None:
+                sw = tf.constant(only.sample_weight, tf.float32)
             y_pred = model(x)
-            compute_loss = float(model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw))
+            compute_loss = float(
+                model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw)
+            )
             predictions = np.asarray(y_pred)
-    mask_messages = tuple(
-        sorted({str(w.message) for w in caught if "mask" in str(w.message).lower()})
-    )
+    about_masks = {
+        str(w.message) for w in caught if "mask" in str(w.message).lower()
+    }
     other = [w for w in caught if "mask" not in str(w.message).lower()]
     for w in other:
         # Re-emit anything unexpected, so it is seen rather than swallowed.
@@ -849,7 +1042,7 @@ def report(
         evaluate={name: float(value) for name, value in evaluated.items()},
         compute_loss=compute_loss,
         predictions=predictions,
-        mask_warnings=mask_messages,
+        mask_warnings=tuple(sorted(about_masks)),
     )
 
 
@@ -892,40 +1085,49 @@ def loss_kind_table(
 def sample_weight_masking_table(
     labels: ArrayLike = SOURCE_LABELS, num_classes: int = 5
 ) -> pd.DataFrame:
-    """Masking by a 0/1 ``sample_weight`` alone (no ``mask_zero``), per reduction.
+    """Masking by a 0/1 ``sample_weight`` alone (no ``mask_zero``).
 
-    Rows ``(framework, loss)``: the built-in loss with its default reduction,
-    Keras 3's ``reduction="mean_with_sample_weight"``, and the fixed loss.
-    Columns: ``fit``, ``evaluate``, ``direct call`` (the loss object called on
-    the model's output with the weights) and ``metric``.
+    Rows ``(framework, loss)``: ``default``, the built-in loss with its
+    default reduction (``sum_over_batch_size`` in Keras 3, ``auto`` in
+    tf-keras); ``mean_with_sample_weight``, Keras 3's built-in loss with that
+    reduction; ``fixed``, :class:`MaskedSparseCrossEntropy` or its twin.
+    Columns: ``fit``, ``evaluate``, ``call`` (the loss object called on the
+    model's output with the weights) and ``metric``.
     """
     label_ids = _int_matrix(labels, "labels")
     weights = (label_ids != PADDING_ID).astype(np.float64)
     logits = uniform_logits(num_classes)
     batch = Batch(label_ids, label_ids, weights)
+    keras_ce = keras.losses.SparseCategoricalCrossentropy
     candidates: list[tuple[str, str, Callable[[], Any]]] = [
-        ("keras", "default (sum_over_batch_size)", lambda: keras.losses.SparseCategoricalCrossentropy()),
+        ("keras", "default", lambda: keras_ce()),
         (
             "keras",
             "mean_with_sample_weight",
-            lambda: keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight"),
+            lambda: keras_ce(reduction="mean_with_sample_weight"),
         ),
-        ("keras", "MaskedSparseCrossEntropy", lambda: MaskedSparseCrossEntropy()),
-        ("tf_keras", "default (auto)", lambda: tf_keras.losses.SparseCategoricalCrossentropy()),
-        ("tf_keras", "LegacyMaskedSparseCrossEntropy", lambda: LegacyMaskedSparseCrossEntropy()),
+        ("keras", "fixed", lambda: fixed_loss("keras")),
+        (
+            "tf_keras",
+            "default",
+            lambda: tf_keras.losses.SparseCategoricalCrossentropy(),
+        ),
+        ("tf_keras", "fixed", lambda: fixed_loss("tf_keras")),
     ]
     probabilities = reference.softmax(logits)[label_ids].astype(np.float32)
     rows = []
     for framework, name, make in candidates:
         got = report(framework, make(), batch, logits, mask_zero=False)
-        direct = float(make()(label_ids, probabilities, sample_weight=weights.astype(np.float32)))
+        direct = make()(
+            label_ids, probabilities, sample_weight=weights.astype(np.float32)
+        )
         rows.append(
             {
                 "framework": framework,
                 "loss": name,
                 "fit": got.fit["loss"],
                 "evaluate": got.evaluate["loss"],
-                "direct call": direct,
+                "call": float(direct),
                 "metric": got.evaluate["metric"],
             }
         )
@@ -937,14 +1139,15 @@ def weighted_mask_table(
     sample_weight: ArrayLike = ((2.0, 1.0, 1.0, 0.0, 0.0),),
     num_classes: int = 5,
 ) -> pd.DataFrame:
-    """A Keras mask *and* non-binary weights: the loss and the metric divide differently.
+    """A Keras mask *and* non-binary weights: loss and metric disagree.
 
     Rows ``(framework, loss)`` for the built-in loss and the fixed loss;
     columns ``evaluate`` and ``compute_loss`` (the loss) and ``metric``
     (Keras's cross-entropy metric in ``evaluate``).
     """
     label_ids = _int_matrix(labels, "labels")
-    batch = Batch(label_ids, label_ids, _float_array(sample_weight, "sample_weight", 2, "(B, T)"))
+    weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
+    batch = Batch(label_ids, label_ids, weights)
     logits = uniform_logits(num_classes)
     rows = []
     for framework in FRAMEWORKS:
@@ -967,24 +1170,28 @@ def weighted_mask_table(
 
 
 def lost_mask_table(
-    labels: ArrayLike = SOURCE_LABELS, num_classes: int = 5, padding_logit: float = 8.0
+    labels: ArrayLike = SOURCE_LABELS,
+    num_classes: int = 5,
+    padding_logit: float = 8.0,
 ) -> pd.DataFrame:
-    """The reported loss when a layer between embedding and output drops the mask.
+    """Reported loss when a layer between embedding and output drops the mask.
 
-    The model is uniform after real tokens and confident that padding follows
-    padding (:func:`padding_confident_logits`), so losing the mask shows as a
-    lower loss.  Rows ``(framework, middle)``; columns ``evaluate`` (the
-    built-in loss), ``fixed`` (the fixed loss on the same model's output) and
-    ``mask warning`` (whether Keras raised a ``UserWarning`` about the mask).
+    The model is uniform after real tokens and confident that padding
+    follows padding (:func:`padding_confident_logits`), so losing the mask
+    shows as a lower loss.  Rows ``(framework, middle)``; columns
+    ``evaluate`` (the built-in loss), ``fixed`` (the fixed loss on the same
+    model's output) and ``mask warning`` (whether Keras raised a
+    ``UserWarning`` about the mask).
     """
     label_ids = _int_matrix(labels, "labels")
     logits = padding_confident_logits(num_classes, padding_logit)
     batch = Batch(label_ids, label_ids)
     rows = []
     for framework in FRAMEWORKS:
+        built_in = make_loss(framework, "built-in Loss")
         for middle in MIDDLE_LAYERS:
             got = report(
-                framework, make_loss(framework, "built-in Loss"), batch, logits, middle=middle, fit=False
+                framework, built_in, batch, logits, middle=middle, fit=False
             )
             fixed = fixed_loss(framework)(label_ids, got.predictions)
             rows.append(
@@ -1005,8 +1212,8 @@ def epoch_aggregation_batches(equal_lengths: bool) -> list[Batch]:
     Batch 1: two sequences with one real token each, both mispredicted.
     Batch 2: one sequence of ten real tokens, all predicted well (use with
     ``4 * identity`` token logits, see :func:`epoch_aggregation_table`).
-    With ``equal_lengths`` both batches are padded to 10 positions; otherwise
-    batch 1 is padded to 2.
+    With ``equal_lengths`` both batches are padded to 10 positions;
+    otherwise batch 1 is padded to 2.
     """
     length = 10 if equal_lengths else 2
     short_inputs = padded([[1], [2]], length)
@@ -1015,12 +1222,15 @@ def epoch_aggregation_batches(equal_lengths: bool) -> list[Batch]:
     return [Batch(short_inputs, short_labels), Batch(long_tokens, long_tokens)]
 
 
-def epoch_aggregation_table(confidence: float = 4.0, num_classes: int = 5) -> pd.DataFrame:
-    """``fit``/``evaluate`` over several batches versus the corpus token mean.
+def epoch_aggregation_table(
+    confidence: float = 4.0, num_classes: int = 5
+) -> pd.DataFrame:
+    """``fit``/``evaluate`` over several batches versus the corpus mean.
 
     The model is compiled with the fixed loss, so every batch's loss is its
     true token mean; what remains is how the epoch combines batches.  Rows
-    ``(framework, batch lengths)``; columns: the epoch loss from ``fit`` and
+    ``(framework, padded to)``, the padded lengths of the two batches
+    (``"10, 10"`` or ``"2, 10"``); columns: the epoch loss from ``fit`` and
     ``evaluate``, Keras's cross-entropy ``metric``, and the corpus metrics
     ``corpus_ce`` and ``corpus_perplexity`` (all from ``evaluate``).
     """
@@ -1030,20 +1240,26 @@ def epoch_aggregation_table(confidence: float = 4.0, num_classes: int = 5) -> pd
         K = keras_api(framework)
         for equal in (True, False):
             batches = epoch_aggregation_batches(equal)
-            metrics = [K.metrics.SparseCategoricalCrossentropy(name="metric"), *corpus_metrics(framework)]
-            got = report(framework, fixed_loss(framework), batches, logits, metrics=metrics)
+            metrics = [
+                K.metrics.SparseCategoricalCrossentropy(name="metric"),
+                *corpus_metrics(framework),
+            ]
+            got = report(
+                framework, fixed_loss(framework), batches, logits,
+                metrics=metrics,
+            )
             rows.append(
                 {
                     "framework": framework,
-                    "batch lengths": "equal (10, 10)" if equal else "different (2, 10)",
-                    "fit loss": got.fit["loss"],
-                    "evaluate loss": got.evaluate["loss"],
+                    "padded to": "10, 10" if equal else "2, 10",
+                    "fit": got.fit["loss"],
+                    "evaluate": got.evaluate["loss"],
                     "metric": got.evaluate["metric"],
                     "corpus_ce": got.evaluate["corpus_ce"],
                     "corpus_perplexity": got.evaluate["corpus_perplexity"],
                 }
             )
-    return pd.DataFrame(rows).set_index(["framework", "batch lengths"])
+    return pd.DataFrame(rows).set_index(["framework", "padded to"])
 
 
 def padding_sweep(
@@ -1054,21 +1270,29 @@ def padding_sweep(
     """Reported versus true loss and perplexity as padding grows.
 
     One sequence of ``sequence_length`` positions; the first
-    ``round((1 - fraction) * T)`` are real tokens, the rest padding; the model
-    predicts ``1/C`` everywhere, so the true token mean is ``log C`` at every
-    fraction.  ``wrong`` is Keras 3's built-in loss with the padding mask as a
-    0/1 ``sample_weight`` (equal to :func:`historical_masked_mean`); ``fixed``
-    is :class:`MaskedSparseCrossEntropy`.
+    ``round((1 - fraction) * T)`` are real tokens, the rest padding; the
+    model predicts ``1/C`` everywhere, so the true token mean is ``log C``
+    at every fraction.  ``wrong`` is Keras 3's built-in loss with the
+    padding mask as a 0/1 ``sample_weight`` (equal to
+    :func:`historical_masked_mean`); ``fixed`` is
+    :class:`MaskedSparseCrossEntropy`.
 
     Returns:
-        One row per fraction: ``padding_fraction`` (actual, after rounding),
-        ``true``, ``wrong``, ``fixed`` (losses, nats per token) and
-        ``true_ppl``, ``wrong_ppl``, ``fixed_ppl`` (their ``exp``).
+        One row per fraction: ``padding_fraction`` (actual, after
+        rounding), ``true``, ``wrong``, ``fixed`` (losses, nats per token)
+        and ``true_ppl``, ``wrong_ppl``, ``fixed_ppl`` (their ``exp``).
     """
     length = require_positive_int(sequence_length, "sequence_length")
     fractions = np.asarray(padding_fractions, dtype=np.float64)
-    if fractions.ndim != 1 or fractions.size == 0 or fractions.min() < 0 or fractions.max() >= 1:
-        raise ValueError("padding_fractions must be a non-empty 1-D sequence in [0, 1)")
+    if (
+        fractions.ndim != 1
+        or fractions.size == 0
+        or fractions.min() < 0
+        or fractions.max() >= 1
+    ):
+        raise ValueError(
+            "padding_fractions must be a non-empty 1-D sequence in [0, 1)"
+        )
     logits = uniform_logits(num_classes)
     wrong_loss = keras.losses.SparseCategoricalCrossentropy()
     fixed = MaskedSparseCrossEntropy()
@@ -1079,7 +1303,8 @@ def padding_sweep(
         labels = padded([tokens.tolist()], length)
         mask = (labels != PADDING_ID).astype(np.float32)
         probabilities = reference.softmax(logits)[labels].astype(np.float32)
-        true = token_weighted_mean(reference_token_nll(logits, labels, labels), mask)
+        per_token = reference_token_nll(logits, labels, labels)
+        true = token_weighted_mean(per_token, mask)
         wrong = float(wrong_loss(labels, probabilities, sample_weight=mask))
         right = float(fixed(labels, probabilities))
         rows.append(
@@ -1096,8 +1321,10 @@ def padding_sweep(
     return pd.DataFrame(rows)
 
 
-def keras3_samplewise_mean(per_token: Sequence[ArrayLike], weights: Sequence[ArrayLike]) -> float:
-    """What Keras 3's ``Mean``-based metrics report over batches of different lengths.
+def keras3_samplewise_mean(
+    per_token: Sequence[ArrayLike], weights: Sequence[ArrayLike]
+) -> float:
+    """Keras 3's ``Mean``-based metrics over batches of different lengths.
 
     ``keras.metrics.Mean`` first reduces each sequence to
     ``sum_t w * x / T`` and its weight to ``sum_t w / T`` (a mean over the
@@ -1108,16 +1335,22 @@ def keras3_samplewise_mean(per_token: Sequence[ArrayLike], weights: Sequence[Arr
 
     Args:
         per_token: one ``(B_k, T_k)`` float array per batch.
-        weights: matching ``(B_k, T_k)`` arrays, the mask times any sample weight.
+        weights: matching ``(B_k, T_k)`` arrays, the mask times any sample
+            weight.
     """
     if len(per_token) != len(weights) or not per_token:
-        raise ValueError("per_token and weights must be non-empty sequences of equal length")
+        raise ValueError(
+            "per_token and weights must be non-empty sequences of equal "
+            "length"
+        )
     total, count = 0.0, 0.0
     for index, (values, w) in enumerate(zip(per_token, weights)):
         x = _float_array(values, f"per_token[{index}]", 2, "(B, T)")
         m = _float_array(w, f"weights[{index}]", 2, "(B, T)")
         if x.shape != m.shape:
-            raise ValueError(f"weights[{index}] must have shape {x.shape}; got {m.shape}")
+            raise ValueError(
+                f"weights[{index}] must have shape {x.shape}; got {m.shape}"
+            )
         length = x.shape[1]
         total += float((m * x).sum(axis=1).sum() / length)
         count += float(m.sum(axis=1).sum() / length)
@@ -1132,13 +1365,96 @@ def installed_source(obj: Any) -> tuple[str, str]:
     machine; ``source`` is the exact text of the installed definition.
     """
     import inspect
-    from pathlib import Path
 
     path = inspect.getsourcefile(obj)
     if path is None:
-        raise TypeError(f"obj must be a Python function or class; got {type(obj).__name__}")
+        raise TypeError(
+            "obj must be a Python function or class; "
+            f"got {type(obj).__name__}"
+        )
     top_package = obj.__module__.split(".")[0]
     root = Path(__import__(top_package).__file__).resolve().parent.parent
     relative = Path(path).resolve().relative_to(root).as_posix()
     _, first_line = inspect.getsourcelines(obj)
     return f"{relative}, line {first_line}", inspect.getsource(obj)
+
+
+# ---------------------------------------------------------------------------
+# The fixed loss on another Keras 3 backend
+# ---------------------------------------------------------------------------
+
+_ON_BACKEND_SCRIPT = """
+import json, sys
+import numpy as np
+import keras
+from companion import keras_masking as km
+
+arrays = np.load(sys.argv[1])
+labels, logits = arrays["labels"], arrays["logits"]
+weights = arrays["weights"] if "weights" in arrays.files else None
+loss = km.MaskedSparseCrossEntropy(from_logits=True)
+metric = km.CorpusCrossEntropy(from_logits=True)
+metric.update_state(labels, logits, sample_weight=weights)
+print(json.dumps({
+    "backend": keras.backend.backend(),
+    "loss": float(loss(labels, logits, sample_weight=weights)),
+    "corpus_ce": float(metric.result()),
+}))
+"""
+
+
+def fixed_loss_on_backend(
+    backend: str,
+    labels: ArrayLike,
+    logits: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+) -> dict[str, Any]:
+    """The fixed loss and corpus metric, run by Keras 3 on ``backend``.
+
+    Keras chooses its backend once, at import, from ``KERAS_BACKEND``, so
+    this starts a fresh Python process with that variable set, and there
+    evaluates ``MaskedSparseCrossEntropy(from_logits=True)`` and
+    ``CorpusCrossEntropy(from_logits=True)`` on one batch.
+
+    Args:
+        backend: one of :data:`BACKENDS` (installed in this environment).
+        labels: ``(B, T)`` int, 0 = padding.
+        logits: ``(B, T, C)`` float.
+        sample_weight: optional ``(B, T)`` float.
+
+    Returns:
+        ``{"backend": name Keras reports, "loss": float,
+        "corpus_ce": float}``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    label_ids = _int_matrix(labels, "labels")
+    scores = _float_array(logits, "logits", 3, "(B, T, C)")
+    if scores.shape[:2] != label_ids.shape:
+        raise ValueError(
+            f"logits must have shape {label_ids.shape} + (C,); "
+            f"got {scores.shape}"
+        )
+    arrays = {
+        "labels": label_ids.astype(np.int32),
+        "logits": scores.astype(np.float32),
+    }
+    if sample_weight is not None:
+        weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
+        arrays["weights"] = weights.astype(np.float32)
+    environment = dict(os.environ, KERAS_BACKEND=backend)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "batch.npz"
+        np.savez(path, **arrays)
+        done = subprocess.run(
+            [sys.executable, "-c", _ON_BACKEND_SCRIPT, str(path)],
+            capture_output=True,
+            text=True,
+            env=environment,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"the {backend} run failed:\n{done.stderr[-2000:]}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,9 +1,9 @@
-"""Tests of companion.keras_masking: the pinned Keras behaviours and the fixed loss/metrics.
+"""Tests of companion.keras_masking: pinned Keras behaviours, fixed loss.
 
-The behaviour tests pin what chapter 4 states about Keras 3.15.1 and tf-keras
-2.21.0; if an upgrade changes one, the test fails and the text is revisited.
-The property tests check the fixed loss and metrics against the float64 NumPy
-reference over random shapes, lengths, paddings and weights.
+The behaviour tests pin what chapter 4 states about Keras 3.15.1 and
+tf-keras 2.21.0; if an upgrade changes one, the test fails and the text is
+revisited.  The property tests check the fixed loss and metrics against the
+float64 NumPy reference over random shapes, lengths, paddings and weights.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ LOG5 = math.log(5.0)
 SOURCE = np.array(km.SOURCE_LABELS)
 SOURCE_MASK = (SOURCE != km.PADDING_ID).astype(np.float64)
 FLOAT32_TOL = 1e-5
+LOSS_CLASSES = [km.MaskedSparseCrossEntropy, km.LegacyMaskedSparseCrossEntropy]
 
 
 # ---------------------------------------------------------------------------
@@ -51,14 +52,16 @@ def test_keras3_apply_mask_rescales_by_total_over_valid() -> None:
     source = inspect.getsource(keras_loss.apply_mask)
     assert 'reduction in ("mean", "sum_over_batch_size")' in source
     assert "mask_weight = ops.divide_no_nan(total, valid)" in source
-    assert "get_keras_mask(y_pred)" in inspect.getsource(keras_loss.Loss.__call__)
+    call_source = inspect.getsource(keras_loss.Loss.__call__)
+    assert "get_keras_mask(y_pred)" in call_source
 
 
-def test_tf_keras_apply_valid_mask_rescales_and_loss_call_uses_the_y_pred_mask() -> None:
+def test_tf_keras_apply_valid_mask_rescales_and_uses_the_y_pred_mask() -> None:
     from tf_keras.src import losses as tf_keras_losses
     from tf_keras.src.utils import losses_utils
 
-    assert "mask *= total / valid" in inspect.getsource(losses_utils.apply_valid_mask)
+    source = inspect.getsource(losses_utils.apply_valid_mask)
+    assert "mask *= total / valid" in source
     call_source = inspect.getsource(tf_keras_losses.Loss.__call__)
     assert "in_mask = losses_utils.get_mask(y_pred)" in call_source
     assert "losses_utils.apply_valid_mask(" in call_source
@@ -68,11 +71,22 @@ def test_epoch_loss_tracker_is_weighted_by_number_of_sequences() -> None:
     from keras.src.backend.tensorflow import trainer as keras_tf_trainer
     from tf_keras.src.engine import compile_utils
 
-    keras_source = inspect.getsource(keras_tf_trainer.TensorFlowTrainer.train_step)
+    keras_source = inspect.getsource(
+        keras_tf_trainer.TensorFlowTrainer.train_step
+    )
     assert "self._loss_tracker.update_state(" in keras_source
     assert "sample_weight=tf.shape(" in keras_source
     legacy_source = inspect.getsource(compile_utils.LossesContainer.__call__)
     assert "sample_weight=batch_dim" in legacy_source
+
+
+def test_both_lambda_layers_accept_a_mask_argument() -> None:
+    from tf_keras.src.layers.core import lambda_layer
+
+    assert "mask" in inspect.signature(keras.layers.Lambda).parameters
+    legacy = inspect.signature(lambda_layer.Lambda).parameters
+    assert "mask" in legacy
+    assert tf_keras.layers.Lambda is lambda_layer.Lambda
 
 
 # ---------------------------------------------------------------------------
@@ -90,41 +104,53 @@ def test_keras_api_names_the_framework() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"token_logits": np.zeros(5)}, ValueError, "token_logits must be a 2-D array"),
+        (
+            {"token_logits": np.zeros(5)},
+            ValueError,
+            "token_logits must be a 2-D array",
+        ),
         ({"token_logits": np.zeros((5, 1))}, ValueError, "C >= 2"),
-        ({"token_logits": np.full((2, 2), np.nan)}, ValueError, "token_logits must be finite"),
+        (
+            {"token_logits": np.full((2, 2), np.nan)},
+            ValueError,
+            "token_logits must be finite",
+        ),
         ({"middle": "Dropout"}, ValueError, "middle must be one of"),
+        ({"head": "Dense"}, ValueError, "head must be one of"),
         ({"mask_zero": 1}, TypeError, "mask_zero must be a bool"),
     ],
 )
 def test_build_toy_model_rejects_bad_arguments(kwargs, error, message) -> None:
-    arguments = {"framework": "keras", "token_logits": km.uniform_logits(5)} | kwargs
+    arguments = {"framework": "keras", "token_logits": km.uniform_logits(5)}
     with pytest.raises(error, match=message):
-        km.build_toy_model(**arguments)
+        km.build_toy_model(**(arguments | kwargs))
 
 
 def test_report_checks_batches_before_running_keras() -> None:
     logits = km.uniform_logits(5)
+    loss = "sparse_categorical_crossentropy"
     with pytest.raises(TypeError, match="labels must hold integer ids"):
-        km.report("keras", "sparse_categorical_crossentropy", km.Batch(SOURCE, SOURCE * 1.0), logits)
+        km.report("keras", loss, km.Batch(SOURCE, SOURCE * 1.0), logits)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
-        km.report("keras", "sparse_categorical_crossentropy", km.Batch(SOURCE, SOURCE + 5), logits)
-    with pytest.raises(ValueError, match="sample_weight must have the shape of inputs"):
-        km.report(
-            "keras", "sparse_categorical_crossentropy", km.Batch(SOURCE, SOURCE, np.ones((1, 4))), logits
-        )
+        km.report("keras", loss, km.Batch(SOURCE, SOURCE + 5), logits)
+    with pytest.raises(
+        ValueError, match="sample_weight must have the shape of inputs"
+    ):
+        batch = km.Batch(SOURCE, SOURCE, np.ones((1, 4)))
+        km.report("keras", loss, batch, logits)
     with pytest.raises(ValueError, match="sample_weight must be >= 0"):
-        km.report(
-            "keras", "sparse_categorical_crossentropy", km.Batch(SOURCE, SOURCE, -SOURCE_MASK), logits
-        )
+        batch = km.Batch(SOURCE, SOURCE, -SOURCE_MASK)
+        km.report("keras", loss, batch, logits)
     with pytest.raises(TypeError, match="batches must be a Batch"):
-        km.report("keras", "sparse_categorical_crossentropy", [], logits)
+        km.report("keras", loss, [], logits)
 
 
 def test_other_argument_checks() -> None:
     with pytest.raises(ValueError, match="kind must be one of"):
         km.make_loss("keras", "lambda")
-    with pytest.raises(ValueError, match="length must be >= the longest sequence"):
+    with pytest.raises(
+        ValueError, match="length must be >= the longest sequence"
+    ):
         km.padded([[1, 2, 3]], length=2)
     with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
         km.historical_masked_mean(np.ones((1, 5)), np.full((1, 5), 0.5))
@@ -140,6 +166,10 @@ def test_other_argument_checks() -> None:
         km_plots.reported_vs_true(np.zeros((3, 7)))
     with pytest.raises(ValueError, match="sweep is missing columns"):
         km_plots.reported_vs_true(pd.DataFrame({"padding_fraction": [0.0]}))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        km.fixed_loss_on_backend("numpy", SOURCE, np.zeros((1, 5, 5)))
+    with pytest.raises(ValueError, match="logits must have shape"):
+        km.fixed_loss_on_backend("torch", SOURCE, np.zeros((1, 4, 5)))
 
 
 # ---------------------------------------------------------------------------
@@ -151,35 +181,46 @@ def test_toy_model_outputs_softmax_of_its_token_logits() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 4))
     inputs = rng.integers(0, 6, size=(2, 7))
+    expected = reference.softmax(logits)[inputs]
     for framework in km.FRAMEWORKS:
-        model = km.build_toy_model(framework, logits)
-        got = np.asarray(model(inputs.astype(np.int32)))
-        np.testing.assert_allclose(got, reference.softmax(logits)[inputs], atol=1e-6)
+        for head in ("Dense(softmax)", "Activation"):
+            model = km.build_toy_model(framework, logits, head=head)
+            got = np.asarray(model(inputs.astype(np.int32)))
+            np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_reference_token_nll_of_the_uniform_toy_is_log_c() -> None:
-    np.testing.assert_allclose(km.reference_token_nll(km.uniform_logits(5), SOURCE, SOURCE), LOG5)
+    np.testing.assert_allclose(
+        km.reference_token_nll(km.uniform_logits(5), SOURCE, SOURCE), LOG5
+    )
 
 
 def test_historical_masked_mean_is_the_sources_number() -> None:
     per_token = km.reference_token_nll(km.uniform_logits(5), SOURCE, SOURCE)
-    assert km.historical_masked_mean(per_token, SOURCE_MASK) == pytest.approx(3 * LOG5 / 5, abs=1e-12)
-    assert km.historical_masked_mean(per_token, SOURCE_MASK) == pytest.approx(0.965663, abs=1e-6)
-    assert km.token_weighted_mean(per_token, SOURCE_MASK) == pytest.approx(1.609438, abs=1e-6)
+    historical = km.historical_masked_mean(per_token, SOURCE_MASK)
+    assert historical == pytest.approx(3 * LOG5 / 5, abs=1e-12)
+    assert historical == pytest.approx(0.965663, abs=1e-6)
+    true = km.token_weighted_mean(per_token, SOURCE_MASK)
+    assert true == pytest.approx(1.609438, abs=1e-6)
 
 
 @given(
     lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
     data=st.data(),
 )
-def test_keras3_samplewise_mean_equals_token_mean_when_lengths_agree(lengths, data) -> None:
+def test_keras3_samplewise_mean_equals_token_mean_when_lengths_agree(
+    lengths, data
+) -> None:
     width = max(lengths)
     rng = np.random.default_rng(len(lengths) * 100 + width)
     values = rng.uniform(0, 3, size=(len(lengths), width))
     weights = km.padded([[1] * n for n in lengths]).astype(np.float64)
     split = data.draw(st.integers(1, len(lengths)))
-    batches = [values[:split], values[split:]] if split < len(lengths) else [values]
-    masks = [weights[:split], weights[split:]] if split < len(lengths) else [weights]
+    if split < len(lengths):
+        batches = [values[:split], values[split:]]
+        masks = [weights[:split], weights[split:]]
+    else:
+        batches, masks = [values], [weights]
     assert km.keras3_samplewise_mean(batches, masks) == pytest.approx(
         km.token_weighted_mean(values, weights), rel=1e-12
     )
@@ -192,7 +233,7 @@ def test_keras3_samplewise_mean_equals_token_mean_when_lengths_agree(lengths, da
 
 @st.composite
 def padded_batches(draw, max_batches: int = 1):
-    """Random logits, right-padded labels (0 = padding) and weights, as float32/int32."""
+    """Random logits, right-padded labels (0 = padding) and weights."""
     num_classes = draw(st.integers(2, 6))
     num_batches = draw(st.integers(1, max_batches))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -201,23 +242,32 @@ def padded_batches(draw, max_batches: int = 1):
     for _ in range(num_batches):
         rows = draw(st.integers(1, 4))
         width = draw(st.integers(1, 8))
-        lengths = draw(st.lists(st.integers(0, width), min_size=rows, max_size=rows))
-        labels = km.padded(
-            [rng.integers(1, num_classes, size=n).tolist() for n in lengths], length=width
+        lengths = draw(
+            st.lists(st.integers(0, width), min_size=rows, max_size=rows)
         )
-        logits = rng.normal(scale=2.0, size=(rows, width, num_classes)).astype(np.float32)
-        weights = rng.uniform(0.1, 3.0, size=(rows, width)).astype(np.float32)
-        batches.append((logits, labels, weights))
+        labels = km.padded(
+            [rng.integers(1, num_classes, size=n).tolist() for n in lengths],
+            length=width,
+        )
+        logits = rng.normal(scale=2.0, size=(rows, width, num_classes))
+        weights = rng.uniform(0.1, 3.0, size=(rows, width))
+        batches.append(
+            (logits.astype(np.float32), labels, weights.astype(np.float32))
+        )
     return batches
 
 
 def reference_masked_mean(batches, use_weights: bool) -> float:
-    """Token mean of -log softmax over real labels, float64, from companion.reference."""
+    """Token mean of -log softmax over real labels, float64, reference."""
     total, count = 0.0, 0.0
     for logits, labels, weights in batches:
         num_classes = logits.shape[-1]
-        targets = np.where(labels == km.PADDING_ID, reference.IGNORE_INDEX, labels).reshape(-1)
-        nll = reference.cross_entropy(logits.reshape(-1, num_classes), targets, reduction="none")
+        targets = np.where(
+            labels == km.PADDING_ID, reference.IGNORE_INDEX, labels
+        ).reshape(-1)
+        nll = reference.cross_entropy(
+            logits.reshape(-1, num_classes), targets, reduction="none"
+        )
         w = (targets != reference.IGNORE_INDEX).astype(np.float64)
         if use_weights:
             w = w * weights.reshape(-1).astype(np.float64)
@@ -226,15 +276,39 @@ def reference_masked_mean(batches, use_weights: bool) -> float:
     return total / count if count else 0.0
 
 
-@pytest.mark.parametrize("loss_class", [km.MaskedSparseCrossEntropy, km.LegacyMaskedSparseCrossEntropy])
-@given(batches=padded_batches(), use_weights=st.booleans(), from_logits=st.booleans())
-def test_masked_loss_matches_reference(loss_class, batches, use_weights, from_logits) -> None:
+@pytest.mark.parametrize("loss_class", LOSS_CLASSES)
+@given(
+    batches=padded_batches(),
+    use_weights=st.booleans(),
+    from_logits=st.booleans(),
+)
+def test_masked_loss_matches_reference(
+    loss_class, batches, use_weights, from_logits
+) -> None:
     logits, labels, weights = batches[0]
-    y_pred = logits if from_logits else reference.softmax(logits).astype(np.float32)
+    if from_logits:
+        y_pred = logits
+    else:
+        y_pred = reference.softmax(logits).astype(np.float32)
     loss = loss_class(from_logits=from_logits)
-    got = float(loss(labels, y_pred, sample_weight=weights if use_weights else None))
+    weight = weights if use_weights else None
+    got = float(loss(labels, y_pred, sample_weight=weight))
     expected = reference_masked_mean(batches, use_weights)
     assert got == pytest.approx(expected, rel=FLOAT32_TOL, abs=FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("loss_class", LOSS_CLASSES)
+def test_masked_loss_broadcasts_one_weight_per_sequence(loss_class) -> None:
+    rng = np.random.default_rng(1)
+    labels = km.padded([[1, 2, 3], [4], [2, 2]], length=4)
+    logits = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    per_sequence = np.array([0.5, 2.0, 1.0], dtype=np.float32)
+    loss = loss_class(from_logits=True)
+    per_token = np.repeat(per_sequence[:, None], 4, axis=1)
+    expected = reference_masked_mean([(logits, labels, per_token)], True)
+    for weights in (per_sequence, per_token, per_token[..., None]):
+        got = float(loss(labels, logits, sample_weight=weights))
+        assert got == pytest.approx(expected, abs=FLOAT32_TOL)
 
 
 @pytest.mark.parametrize(
@@ -251,17 +325,24 @@ def test_corpus_metrics_match_reference_over_batches_of_any_length(
     cross_entropy = ce_class(from_logits=True)
     perplexity = ppl_class(from_logits=True)
     for logits, labels, weights in batches:
+        weight = weights if use_weights else None
         for metric in (cross_entropy, perplexity):
-            metric.update_state(labels, logits, sample_weight=weights if use_weights else None)
+            metric.update_state(labels, logits, sample_weight=weight)
     expected = reference_masked_mean(batches, use_weights)
-    assert float(cross_entropy.result()) == pytest.approx(expected, rel=FLOAT32_TOL, abs=FLOAT32_TOL)
-    assert float(perplexity.result()) == pytest.approx(math.exp(expected), rel=1e-4)
+    assert float(cross_entropy.result()) == pytest.approx(
+        expected, rel=FLOAT32_TOL, abs=FLOAT32_TOL
+    )
+    assert float(perplexity.result()) == pytest.approx(
+        math.exp(expected), rel=1e-4
+    )
     cross_entropy.reset_state()
     assert float(cross_entropy.result()) == 0.0
 
 
-@pytest.mark.parametrize("loss_class", [km.MaskedSparseCrossEntropy, km.LegacyMaskedSparseCrossEntropy])
-def test_masked_loss_gradient_is_zero_on_padding_and_divided_by_real_tokens(loss_class) -> None:
+@pytest.mark.parametrize("loss_class", LOSS_CLASSES)
+def test_masked_loss_gradient_is_zero_on_padding_and_over_real_tokens(
+    loss_class,
+) -> None:
     rng = np.random.default_rng(3)
     labels = km.padded([[1, 2, 3], [4]], length=5)
     logits = tf.Variable(rng.normal(size=(2, 5, 5)).astype(np.float32))
@@ -275,8 +356,10 @@ def test_masked_loss_gradient_is_zero_on_padding_and_divided_by_real_tokens(loss
     assert np.all(gradient[~real] == 0.0)
 
 
-@pytest.mark.parametrize("loss_class", [km.MaskedSparseCrossEntropy, km.LegacyMaskedSparseCrossEntropy])
-def test_masked_loss_of_a_padding_only_batch_is_zero_not_nan(loss_class) -> None:
+@pytest.mark.parametrize("loss_class", LOSS_CLASSES)
+def test_masked_loss_of_a_padding_only_batch_is_zero_not_nan(
+    loss_class,
+) -> None:
     labels = np.zeros((2, 3), dtype=np.int32)
     probabilities = np.full((2, 3, 4), 0.25, dtype=np.float32)
     assert float(loss_class()(labels, probabilities)) == 0.0
@@ -286,7 +369,33 @@ def test_masked_loss_accepts_an_ignore_index_outside_the_classes() -> None:
     labels = np.array([[1, 2, -100, -100]])
     probabilities = np.full((1, 4, 3), 1 / 3, dtype=np.float32)
     loss = km.MaskedSparseCrossEntropy(padding_id=-100)
-    assert float(loss(labels, probabilities)) == pytest.approx(math.log(3.0), abs=1e-6)
+    assert float(loss(labels, probabilities)) == pytest.approx(
+        math.log(3.0), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("loss_class", LOSS_CLASSES)
+def test_masked_loss_uses_keras_sum_reduction_and_round_trips(
+    loss_class,
+) -> None:
+    loss = loss_class(padding_id=-100, from_logits=True)
+    assert str(loss.reduction).lower().endswith("sum")
+    again = loss_class.from_config(loss.get_config())
+    assert (again.padding_id, again.from_logits) == (-100, True)
+
+
+def test_fixed_loss_runs_on_the_torch_backend() -> None:
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    labels = km.padded([[1, 2, 3], [4]], length=5)
+    logits = rng.normal(size=(2, 5, 6))
+    weights = rng.uniform(0.5, 2.0, size=(2, 5))
+    got = km.fixed_loss_on_backend("torch", labels, logits, weights)
+    batch = [(logits, labels, weights)]
+    expected = reference_masked_mean(batch, use_weights=True)
+    assert got["backend"] == "torch"
+    assert got["loss"] == pytest.approx(expected, abs=FLOAT32_TOL)
+    assert got["corpus_ce"] == pytest.approx(expected, abs=FLOAT32_TOL)
 
 
 # ---------------------------------------------------------------------------
@@ -299,12 +408,18 @@ def loss_kinds() -> pd.DataFrame:
     return km.loss_kind_table()
 
 
-def test_every_loss_kind_reports_the_masked_mean_in_both_versions(loss_kinds) -> None:
-    assert list(loss_kinds.index) == [(f, k) for f in km.FRAMEWORKS for k in km.LOSS_KINDS]
-    np.testing.assert_allclose(loss_kinds.to_numpy(), LOG5, atol=FLOAT32_TOL)
+def test_every_loss_kind_reports_the_masked_mean_in_both_versions(
+    loss_kinds,
+) -> None:
+    assert list(loss_kinds.index) == [
+        (f, k) for f in km.FRAMEWORKS for k in km.LOSS_KINDS
+    ]
+    np.testing.assert_allclose(
+        loss_kinds.to_numpy(), LOG5, atol=FLOAT32_TOL
+    )
 
 
-def test_historical_loss_reproduces_0_9657_in_fit_and_evaluate_and_metric_stays_right() -> None:
+def test_historical_loss_reproduces_0_9657_and_the_metric_is_right() -> None:
     got = km.report(
         "tf_keras",
         km.HistoricalSparseCategoricalCrossentropy(),
@@ -312,7 +427,8 @@ def test_historical_loss_reproduces_0_9657_in_fit_and_evaluate_and_metric_stays_
         km.uniform_logits(5),
     )
     historical = km.historical_masked_mean(
-        km.reference_token_nll(km.uniform_logits(5), SOURCE, SOURCE), SOURCE_MASK
+        km.reference_token_nll(km.uniform_logits(5), SOURCE, SOURCE),
+        SOURCE_MASK,
     )
     assert got.fit["loss"] == pytest.approx(historical, abs=FLOAT32_TOL)
     assert got.evaluate["loss"] == pytest.approx(historical, abs=FLOAT32_TOL)
@@ -320,27 +436,32 @@ def test_historical_loss_reproduces_0_9657_in_fit_and_evaluate_and_metric_stays_
     assert got.evaluate["metric"] == pytest.approx(LOG5, abs=FLOAT32_TOL)
 
 
-def test_sample_weight_masking_divides_by_all_positions_under_the_default_reduction() -> None:
+def test_sample_weight_masking_divides_by_all_positions_by_default() -> None:
     table = km.sample_weight_masking_table()
     wrong = 3 * LOG5 / 5
-    for row in [("keras", "default (sum_over_batch_size)"), ("tf_keras", "default (auto)")]:
+    columns = ["fit", "evaluate", "call"]
+    for row in [("keras", "default"), ("tf_keras", "default")]:
         np.testing.assert_allclose(
-            table.loc[row, ["fit", "evaluate", "direct call"]].to_numpy(float), wrong, atol=FLOAT32_TOL
+            table.loc[row, columns].to_numpy(float), wrong, atol=FLOAT32_TOL
         )
     for row in [
         ("keras", "mean_with_sample_weight"),
-        ("keras", "MaskedSparseCrossEntropy"),
-        ("tf_keras", "LegacyMaskedSparseCrossEntropy"),
+        ("keras", "fixed"),
+        ("tf_keras", "fixed"),
     ]:
         np.testing.assert_allclose(
-            table.loc[row, ["fit", "evaluate", "direct call"]].to_numpy(float), LOG5, atol=FLOAT32_TOL
+            table.loc[row, columns].to_numpy(float), LOG5, atol=FLOAT32_TOL
         )
-    np.testing.assert_allclose(table["metric"].to_numpy(float), LOG5, atol=FLOAT32_TOL)
+    np.testing.assert_allclose(
+        table["metric"].to_numpy(float), LOG5, atol=FLOAT32_TOL
+    )
 
 
 def test_tf_keras_has_no_mean_with_sample_weight_reduction() -> None:
     with pytest.raises(ValueError):
-        tf_keras.losses.SparseCategoricalCrossentropy(reduction="mean_with_sample_weight")
+        tf_keras.losses.SparseCategoricalCrossentropy(
+            reduction="mean_with_sample_weight"
+        )
 
 
 def test_mask_with_non_binary_weights_loss_and_metric_disagree() -> None:
@@ -350,14 +471,18 @@ def test_mask_with_non_binary_weights_loss_and_metric_disagree() -> None:
     assert by_valid_tokens == pytest.approx(2.145917, abs=1e-6)
     for framework in km.FRAMEWORKS:
         built_in = table.loc[(framework, "built-in Loss")]
-        assert built_in["evaluate"] == pytest.approx(by_valid_tokens, abs=FLOAT32_TOL)
-        assert built_in["compute_loss"] == pytest.approx(by_valid_tokens, abs=FLOAT32_TOL)
+        assert built_in["evaluate"] == pytest.approx(
+            by_valid_tokens, abs=FLOAT32_TOL
+        )
+        assert built_in["compute_loss"] == pytest.approx(
+            by_valid_tokens, abs=FLOAT32_TOL
+        )
         assert built_in["metric"] == pytest.approx(LOG5, abs=FLOAT32_TOL)
         fixed = table.loc[(framework, "fixed")]
         assert fixed["evaluate"] == pytest.approx(LOG5, abs=FLOAT32_TOL)
 
 
-def test_layers_that_drop_the_mask_make_the_loss_average_over_padding() -> None:
+def test_layers_that_drop_the_mask_make_the_loss_score_padding() -> None:
     table = km.lost_mask_table()
     logits = km.padding_confident_logits(5, 8.0)
     per_token = km.reference_token_nll(logits, SOURCE, SOURCE)
@@ -367,10 +492,16 @@ def test_layers_that_drop_the_mask_make_the_loss_average_over_padding() -> None:
     assert unmasked == pytest.approx(0.966199, abs=1e-6)
     for framework in km.FRAMEWORKS:
         for middle in ("Lambda", "custom layer", "raw op"):
-            assert table.loc[(framework, middle), "evaluate"] == pytest.approx(unmasked, abs=FLOAT32_TOL)
+            assert table.loc[(framework, middle), "evaluate"] == pytest.approx(
+                unmasked, abs=FLOAT32_TOL
+            )
         for middle in ("none", "custom layer, supports_masking"):
-            assert table.loc[(framework, middle), "evaluate"] == pytest.approx(masked, abs=FLOAT32_TOL)
-    np.testing.assert_allclose(table["fixed"].to_numpy(float), masked, atol=FLOAT32_TOL)
+            assert table.loc[(framework, middle), "evaluate"] == pytest.approx(
+                masked, abs=FLOAT32_TOL
+            )
+    np.testing.assert_allclose(
+        table["fixed"].to_numpy(float), masked, atol=FLOAT32_TOL
+    )
     warned = table["mask warning"]
     assert warned[("keras", "Lambda")] and warned[("keras", "custom layer")]
     assert not warned[("keras", "raw op")]
@@ -378,25 +509,62 @@ def test_layers_that_drop_the_mask_make_the_loss_average_over_padding() -> None:
 
 
 @pytest.mark.parametrize("framework", km.FRAMEWORKS)
-def test_softmax_layer_applies_the_time_mask_to_the_class_axis(framework) -> None:
-    probabilities = km.softmax_layer_probabilities(framework, SOURCE, km.uniform_logits(5))
+def test_softmax_layer_applies_the_time_mask_to_the_class_axis(
+    framework,
+) -> None:
+    probabilities = km.softmax_layer_probabilities(
+        framework, SOURCE, km.uniform_logits(5)
+    )
     expected_row = np.array([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0])
-    np.testing.assert_allclose(probabilities[0], np.tile(expected_row, (5, 1)), atol=1e-6)
+    np.testing.assert_allclose(
+        probabilities[0], np.tile(expected_row, (5, 1)), atol=1e-6
+    )
     K = km.keras_api(framework)
-    label_3_cost = float(K.losses.SparseCategoricalCrossentropy()(np.array([[3]]), probabilities[:, :1]))
+    label_3_cost = float(
+        K.losses.SparseCategoricalCrossentropy()(
+            np.array([[3]]), probabilities[:, :1]
+        )
+    )
     assert label_3_cost == pytest.approx(-math.log(1e-7), abs=1e-3)
-    error = ValueError if framework == "keras" else tf.errors.InvalidArgumentError
+    error = (
+        ValueError if framework == "keras" else tf.errors.InvalidArgumentError
+    )
     with pytest.raises(error):
-        km.softmax_layer_probabilities(framework, SOURCE[:, :4], km.uniform_logits(5))
+        km.softmax_layer_probabilities(
+            framework, SOURCE[:, :4], km.uniform_logits(5)
+        )
+
+
+@pytest.mark.parametrize("framework", km.FRAMEWORKS)
+def test_activation_head_passes_the_mask_on_without_applying_it(
+    framework,
+) -> None:
+    logits = km.padding_confident_logits(5, 8.0)
+    got = km.report(
+        framework,
+        km.make_loss(framework, "built-in Loss"),
+        km.Batch(SOURCE, SOURCE),
+        logits,
+        head="Activation",
+        fit=False,
+    )
+    np.testing.assert_allclose(
+        got.predictions, reference.softmax(logits)[SOURCE], atol=1e-6
+    )
+    assert got.evaluate["loss"] == pytest.approx(LOG5, abs=FLOAT32_TOL)
 
 
 def test_epoch_loss_is_a_sequence_weighted_mean_of_batch_means() -> None:
     table = km.epoch_aggregation_table()
     logits = 4.0 * np.eye(5)
     batches = km.epoch_aggregation_batches(equal_lengths=True)
-    per_token = [km.reference_token_nll(logits, b.inputs, b.labels) for b in batches]
+    per_token = [
+        km.reference_token_nll(logits, b.inputs, b.labels) for b in batches
+    ]
     masks = [(b.labels != km.PADDING_ID).astype(np.float64) for b in batches]
-    batch_means = [km.token_weighted_mean(x, m) for x, m in zip(per_token, masks)]
+    batch_means = [
+        km.token_weighted_mean(x, m) for x, m in zip(per_token, masks)
+    ]
     epoch = km.sequence_weighted_epoch_mean(batch_means, [2, 1])
     token_mean = km.token_weighted_mean(
         np.concatenate([x.ravel() for x in per_token])[None, :],
@@ -404,23 +572,35 @@ def test_epoch_loss_is_a_sequence_weighted_mean_of_batch_means() -> None:
     )
     assert epoch == pytest.approx(2.73737, abs=1e-5)
     assert token_mean == pytest.approx(0.73737, abs=1e-5)
-    np.testing.assert_allclose(table["fit loss"].to_numpy(float), epoch, atol=FLOAT32_TOL)
-    np.testing.assert_allclose(table["evaluate loss"].to_numpy(float), epoch, atol=FLOAT32_TOL)
-    np.testing.assert_allclose(table["corpus_ce"].to_numpy(float), token_mean, atol=FLOAT32_TOL)
+
+    def column(name: str) -> np.ndarray:
+        return table[name].to_numpy(float)
+
+    np.testing.assert_allclose(column("fit"), epoch, atol=FLOAT32_TOL)
+    np.testing.assert_allclose(column("evaluate"), epoch, atol=FLOAT32_TOL)
     np.testing.assert_allclose(
-        table["corpus_perplexity"].to_numpy(float), math.exp(token_mean), rtol=1e-5
+        column("corpus_ce"), token_mean, atol=FLOAT32_TOL
     )
-    equal, different = "equal (10, 10)", "different (2, 10)"
+    np.testing.assert_allclose(
+        column("corpus_perplexity"), math.exp(token_mean), rtol=1e-5
+    )
+    equal, different = "10, 10", "2, 10"
     for framework in km.FRAMEWORKS:
-        assert table.loc[(framework, equal), "metric"] == pytest.approx(token_mean, abs=FLOAT32_TOL)
-    assert table.loc[("tf_keras", different), "metric"] == pytest.approx(token_mean, abs=FLOAT32_TOL)
+        assert table.loc[(framework, equal), "metric"] == pytest.approx(
+            token_mean, abs=FLOAT32_TOL
+        )
+    assert table.loc[("tf_keras", different), "metric"] == pytest.approx(
+        token_mean, abs=FLOAT32_TOL
+    )
     short = km.epoch_aggregation_batches(equal_lengths=False)
     samplewise = km.keras3_samplewise_mean(
         [km.reference_token_nll(logits, b.inputs, b.labels) for b in short],
         [(b.labels != km.PADDING_ID).astype(np.float64) for b in short],
     )
     assert samplewise == pytest.approx(2.070703, abs=1e-5)
-    assert table.loc[("keras", different), "metric"] == pytest.approx(samplewise, abs=FLOAT32_TOL)
+    assert table.loc[("keras", different), "metric"] == pytest.approx(
+        samplewise, abs=FLOAT32_TOL
+    )
 
 
 def test_padding_sweep_wrong_is_historical_and_fixed_is_true() -> None:
@@ -430,7 +610,9 @@ def test_padding_sweep_wrong_is_historical_and_fixed_is_true() -> None:
     np.testing.assert_allclose(sweep["true"], LOG5)
     np.testing.assert_allclose(sweep["fixed"], LOG5, atol=FLOAT32_TOL)
     np.testing.assert_allclose(
-        sweep["wrong"], (1 - sweep["padding_fraction"]) * LOG5, atol=FLOAT32_TOL
+        sweep["wrong"],
+        (1 - sweep["padding_fraction"]) * LOG5,
+        atol=FLOAT32_TOL,
     )
     np.testing.assert_allclose(sweep["wrong_ppl"], np.exp(sweep["wrong"]))
 
@@ -439,24 +621,37 @@ def test_reported_vs_true_figure_draws_the_sweep() -> None:
     sweep = km.padding_sweep()
     fig = km_plots.reported_vs_true(sweep)
     loss_ax, ppl_ax = fig.axes
+    assert fig.get_figwidth() == pytest.approx(6.3)
     assert loss_ax.get_xlabel() == "padding (% of positions)"
     assert "nats" in loss_ax.get_ylabel()
     assert "perplexity" in ppl_ax.get_ylabel()
+    for ax in fig.axes:
+        for label in ax.get_xticklabels() + ax.get_yticklabels():
+            assert label.get_fontsize() >= 9
+    (legend,) = fig.legends
+    legend_texts = legend.get_texts()
+    assert len(legend_texts) == 3
+    assert all(text.get_fontsize() >= 9 for text in legend_texts)
     wrong_line = loss_ax.get_lines()[1]
     np.testing.assert_allclose(wrong_line.get_ydata(), sweep["wrong"])
-    np.testing.assert_allclose(wrong_line.get_xdata(), 100 * sweep["padding_fraction"])
-    np.testing.assert_allclose(ppl_ax.get_lines()[2].get_ydata(), sweep["fixed_ppl"])
+    np.testing.assert_allclose(
+        wrong_line.get_xdata(), 100 * sweep["padding_fraction"]
+    )
+    np.testing.assert_allclose(
+        ppl_ax.get_lines()[2].get_ydata(), sweep["fixed_ppl"]
+    )
     matplotlib.pyplot.close(fig)
 
 
 def test_keras3_mean_metric_reduces_each_sequence_by_a_time_mean() -> None:
     from keras.src.metrics import reduction_metrics
 
-    assert "reduce_fn=ops.mean" in inspect.getsource(reduction_metrics.Mean.update_state)
+    source = inspect.getsource(reduction_metrics.Mean.update_state)
+    assert "reduce_fn=ops.mean" in source
 
 
 def _masked_head_loss(framework: str, head: str) -> float:
-    """Built-in loss of the padding-confident toy with a given output head, called eagerly."""
+    """Built-in loss of the padding-confident toy without a Dense layer."""
     K = km.keras_api(framework)
     logits = km.padding_confident_logits(5, 8.0)
     inputs = K.Input(shape=(None,), dtype="int32")
@@ -465,7 +660,9 @@ def _masked_head_loss(framework: str, head: str) -> float:
     if head == "Activation":
         outputs = K.layers.Activation("softmax")(hidden)
     else:
-        outputs = K.layers.Lambda(lambda t: K.activations.softmax(t), mask=lambda t, m: m)(hidden)
+        outputs = K.layers.Lambda(
+            lambda t: K.activations.softmax(t), mask=lambda t, m: m
+        )(hidden)
     model = K.Model(inputs, outputs)
     embedding.set_weights([logits.astype(np.float32)])
     y_pred = model(tf.constant(SOURCE, dtype=tf.int32))
@@ -474,8 +671,13 @@ def _masked_head_loss(framework: str, head: str) -> float:
 
 @pytest.mark.parametrize("framework", km.FRAMEWORKS)
 def test_activation_softmax_passes_the_mask_to_the_loss(framework) -> None:
-    assert _masked_head_loss(framework, "Activation") == pytest.approx(LOG5, abs=FLOAT32_TOL)
+    assert _masked_head_loss(framework, "Activation") == pytest.approx(
+        LOG5, abs=FLOAT32_TOL
+    )
 
 
-def test_keras3_lambda_with_a_mask_function_keeps_the_mask() -> None:
-    assert _masked_head_loss("keras", "Lambda with mask") == pytest.approx(LOG5, abs=FLOAT32_TOL)
+@pytest.mark.parametrize("framework", km.FRAMEWORKS)
+def test_lambda_with_a_mask_function_keeps_the_mask(framework) -> None:
+    assert _masked_head_loss(framework, "Lambda with mask") == pytest.approx(
+        LOG5, abs=FLOAT32_TOL
+    )
