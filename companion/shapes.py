@@ -94,7 +94,9 @@ def flatten_for_cross_entropy(
     shift_logits = shift_logits.contiguous()
     shift_labels = shift_labels.contiguous()
     vocab = shift_logits.size(-1)
-    return shift_logits.view(-1, vocab), shift_labels.view(-1).to(shift_logits.device)
+    flat_logits = shift_logits.view(-1, vocab)
+    flat_labels = shift_labels.view(-1).to(shift_logits.device)
+    return flat_logits, flat_labels
 
 
 @dataclass(frozen=True)

@@ -20,28 +20,29 @@ def plot_shift_alignment(tokens: Sequence[str]) -> plt.Figure:
         A figure with one row of logit positions ``0 .. T-1`` above one row of
         labels ``0 .. T-1``; an arrow joins logit row ``t`` to label ``t + 1``.
         The last logit row (nothing to predict) and the first label (nothing
-        predicts it) are drawn crossed out.
+        predicts it) are greyed, with a dashed red edge.
     """
     if len(tokens) < 2:
         raise ValueError(f"tokens must hold at least 2 tokens; got {len(tokens)}")
     time = len(tokens)
     fig, ax = new_figure(width=max(6.0, 1.05 * time), height=2.9)
     y_logits, y_labels, w, h = 1.6, 0.0, 0.8, 0.55
+    def box(x: float, y: float, kept_face: str, kept_edge: str, dropped: bool) -> None:
+        # a dropped entry is greyed with a dashed red edge, so its text stays legible
+        ax.add_patch(Rectangle((x - w / 2, y), w, h,
+                               facecolor="#eeeeee" if dropped else kept_face,
+                               edgecolor=COLORS["dropped"] if dropped else kept_edge,
+                               linestyle="--" if dropped else "-", linewidth=1.4))
+
     for t, token in enumerate(tokens):
         dropped_logit = t == time - 1
         dropped_label = t == 0
-        ax.add_patch(Rectangle((t - w / 2, y_logits), w, h,
-                               facecolor="white" if dropped_logit else "#deebf7",
-                               edgecolor=COLORS["dropped"] if dropped_logit else COLORS["scored"],
-                               hatch="//" if dropped_logit else None, linewidth=1.4))
-        ax.text(t, y_logits + h / 2, f"logits[{t}]\nafter '{token}'", ha="center", va="center",
-                fontsize=7.5)
-        ax.add_patch(Rectangle((t - w / 2, y_labels), w, h,
-                               facecolor="white" if dropped_label else "#e5f5e0",
-                               edgecolor=COLORS["dropped"] if dropped_label else COLORS["accent"],
-                               hatch="//" if dropped_label else None, linewidth=1.4))
+        box(t, y_logits, "#deebf7", COLORS["scored"], dropped_logit)
+        ax.text(t, y_logits + h / 2, f"logits[{t}]\nafter '{token}'", ha="center",
+                va="center", fontsize=8, color="#555555" if dropped_logit else "black")
+        box(t, y_labels, "#e5f5e0", COLORS["accent"], dropped_label)
         ax.text(t, y_labels + h / 2, f"labels[{t}]\n'{token}'", ha="center", va="center",
-                fontsize=7.5)
+                fontsize=8, color="#555555" if dropped_label else "black")
         if t + 1 < time:
             ax.add_patch(FancyArrowPatch((t, y_logits), (t + 1, y_labels + h),
                                          arrowstyle="-|>", mutation_scale=10,
@@ -53,7 +54,7 @@ def plot_shift_alignment(tokens: Sequence[str]) -> plt.Figure:
     ax.set_xlim(-2.3, time - 0.4)
     ax.set_ylim(-0.25, y_logits + h + 0.25)
     ax.set_xticks(range(time), [str(t) for t in range(time)])
-    ax.set_xlabel("position t in the sequence (hatched: dropped by the shift)")
+    ax.set_xlabel("position t in the sequence (grey, dashed red edge: dropped by the shift)")
     ax.set_yticks([])
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
