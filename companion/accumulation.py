@@ -19,7 +19,9 @@ This module holds
   (:func:`warm_up`) so that per-token losses differ as they do in practice;
 * one optimizer step's loss and gradient on the full batch
   (:func:`full_batch_step`) and with gradient accumulation over
-  micro-batches (:func:`accumulation_step`), naive or fixed;
+  micro-batches (:func:`accumulation_step`), naive or fixed, and with
+  data parallelism on top, simulated in one process
+  (:func:`data_parallel_accumulation_step`);
 * the naive error as the token counts of two micro-batches drift apart
   (:func:`naive_error_by_imbalance`).
 """
@@ -72,21 +74,29 @@ def _check_sums_and_counts(
     sums: Sequence[float], counts: Sequence[int]
 ) -> tuple[list[float], list[int]]:
     if isinstance(sums, (str, bytes)) or not isinstance(sums, Sequence):
-        raise TypeError(f"sums must be a sequence of floats; got {type(sums).__name__}")
+        raise TypeError(
+            f"sums must be a sequence of floats; got {type(sums).__name__}"
+        )
     if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
-        raise TypeError(f"counts must be a sequence of ints; got {type(counts).__name__}")
+        raise TypeError(
+            f"counts must be a sequence of ints; got {type(counts).__name__}"
+        )
     if len(sums) != len(counts):
         raise ValueError(
-            f"sums and counts must have one entry per group; got {len(sums)} sums "
-            f"and {len(counts)} counts"
+            "sums and counts must have one entry per group; "
+            f"got {len(sums)} sums and {len(counts)} counts"
         )
     if len(counts) == 0:
-        raise ValueError("sums and counts must describe at least one group; got none")
+        raise ValueError(
+            "sums and counts must describe at least one group; got none"
+        )
     float_sums = [float(s) for s in sums]
     int_counts = []
     for index, count in enumerate(counts):
         if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"counts[{index}] must be an int; got {type(count).__name__}")
+            raise TypeError(
+                f"counts[{index}] must be an int; got {type(count).__name__}"
+            )
         if count < 0:
             raise ValueError(f"counts[{index}] must be >= 0; got {count}")
         int_counts.append(count)
@@ -94,7 +104,7 @@ def _check_sums_and_counts(
 
 
 def token_mean(sums: Sequence[float], counts: Sequence[int]) -> float:
-    """The token-level mean of grouped token losses: ``sum(sums) / sum(counts)``.
+    """Token-level mean of grouped token losses: ``sum(sums) / sum(counts)``.
 
     Args:
         sums: ``(K,)`` summed token losses of each group.
@@ -107,7 +117,10 @@ def token_mean(sums: Sequence[float], counts: Sequence[int]) -> float:
     float_sums, int_counts = _check_sums_and_counts(sums, counts)
     total = sum(int_counts)
     if total == 0:
-        raise ValueError("counts sum to 0: there is no scored token, so the token mean is 0/0")
+        raise ValueError(
+            "counts sum to 0: there is no scored token, so the token mean "
+            "is 0/0"
+        )
     return math.fsum(float_sums) / total
 
 
@@ -116,7 +129,9 @@ def mean_of_means(
     counts: Sequence[int],
     weights: Sequence[float] | None = None,
 ) -> float:
-    """Average the groups' own means: ``sum_k w_k (sums_k / counts_k) / sum_k w_k``.
+    """Average the groups' own means.
+
+    ``sum_k w_k (sums_k / counts_k) / sum_k w_k``.
 
     With ``weights=None`` every group counts the same, which is what dividing
     each micro-batch's mean loss by the number of micro-batches does.  With
@@ -135,7 +150,8 @@ def mean_of_means(
     for index, count in enumerate(int_counts):
         if count == 0:
             raise ValueError(
-                f"counts[{index}] is 0: group {index} has no scored token, so its mean is 0/0"
+                f"counts[{index}] is 0: group {index} has no scored token, "
+                "so its mean is 0/0"
             )
     if weights is None:
         group_weights = [1.0] * len(int_counts)
@@ -147,13 +163,18 @@ def mean_of_means(
                 f"got {len(group_weights)}"
             )
         if any(w < 0 for w in group_weights) or sum(group_weights) == 0:
-            raise ValueError(f"weights must be >= 0 and not all 0; got {group_weights}")
-    weighted = [w * s / n for w, s, n in zip(group_weights, float_sums, int_counts, strict=True)]
+            raise ValueError(
+                f"weights must be >= 0 and not all 0; got {group_weights}"
+            )
+    weighted = [
+        w * s / n
+        for w, s, n in zip(group_weights, float_sums, int_counts, strict=True)
+    ]
     return math.fsum(weighted) / math.fsum(group_weights)
 
 
 def token_weight_factors(counts: Sequence[int]) -> list[float]:
-    """How much more (or less) a token of each group counts under the mean of means.
+    """How much more (or less) a token of each group counts, mean of means.
 
     The token mean weighs every token ``1 / N``; the equal-weight mean of
     means weighs a token of group ``k`` ``1 / (K n_k)``.  The ratio is
@@ -168,7 +189,9 @@ def token_weight_factors(counts: Sequence[int]) -> list[float]:
     _, int_counts = _check_sums_and_counts([0.0] * len(counts), counts)
     for index, count in enumerate(int_counts):
         if count == 0:
-            raise ValueError(f"counts[{index}] is 0: group {index} has no scored token")
+            raise ValueError(
+                f"counts[{index}] is 0: group {index} has no scored token"
+            )
     total, groups = sum(int_counts), len(int_counts)
     return [total / (groups * count) for count in int_counts]
 
@@ -211,7 +234,9 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     _, _, vocab = check_logits_and_labels(logits, labels)
     require_labels_in_range(labels, vocab, IGNORE_INDEX, "labels")
     flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
-    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -257,7 +282,7 @@ class TinyLMConfig:
 
 
 class TinyCausalLM(nn.Module):
-    """Embeddings, one pre-norm causal self-attention block and a language-model head.
+    """Embeddings, one pre-norm causal attention block and an LM head.
 
     ``forward(input_ids: (B, T) int) -> logits: (B, T, V)`` in the module's
     dtype.  Attention is causal, so with right padding the logits of a real
@@ -273,8 +298,8 @@ class TinyCausalLM(nn.Module):
         require_positive_int(config.max_length, "config.max_length")
         if config.hidden_size % config.num_heads:
             raise ValueError(
-                f"config.hidden_size ({config.hidden_size}) must be divisible by "
-                f"config.num_heads ({config.num_heads})"
+                f"config.hidden_size ({config.hidden_size}) must be "
+                f"divisible by config.num_heads ({config.num_heads})"
             )
         self.config = config
         hidden = config.hidden_size
@@ -284,7 +309,11 @@ class TinyCausalLM(nn.Module):
         self.query_key_value = nn.Linear(hidden, 3 * hidden)
         self.attention_output = nn.Linear(hidden, hidden)
         self.mlp_norm = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden),
+            nn.GELU(),
+            nn.Linear(4 * hidden, hidden),
+        )
         self.final_norm = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, config.vocab_size)
 
@@ -300,25 +329,35 @@ class TinyCausalLM(nn.Module):
                 f"config.max_length={self.config.max_length}"
             )
         positions = torch.arange(time, device=input_ids.device)
-        hidden = self.token_embedding(input_ids) + self.position_embedding(positions)
-        heads, width = self.config.num_heads, self.config.hidden_size // self.config.num_heads
-        query, key, value = self.query_key_value(self.attention_norm(hidden)).chunk(3, dim=-1)
+        hidden = self.token_embedding(input_ids)
+        hidden = hidden + self.position_embedding(positions)
+        heads = self.config.num_heads
+        width = self.config.hidden_size // heads
+        qkv = self.query_key_value(self.attention_norm(hidden))
+        query, key, value = qkv.chunk(3, dim=-1)
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, time, heads, width).transpose(1, 2)
 
         attended = F.scaled_dot_product_attention(
-            split_heads(query), split_heads(key), split_heads(value), is_causal=True
+            split_heads(query),
+            split_heads(key),
+            split_heads(value),
+            is_causal=True,
         )
-        hidden = hidden + self.attention_output(attended.transpose(1, 2).reshape(batch, time, -1))
+        merged = attended.transpose(1, 2).reshape(batch, time, -1)
+        hidden = hidden + self.attention_output(merged)
         hidden = hidden + self.mlp(self.mlp_norm(hidden))
         return self.lm_head(self.final_norm(hidden))
 
 
 def build_tiny_lm(
-    config: TinyLMConfig | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float64
+    config: TinyLMConfig | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
 ) -> TinyCausalLM:
-    """A :class:`TinyCausalLM` with weights drawn from ``torch.manual_seed(seed)``.
+    """A :class:`TinyCausalLM`, weights drawn from ``torch.manual_seed(seed)``.
 
     float64 by default, so that comparisons between reductions measure the
     reduction and not float32 rounding.
@@ -345,36 +384,53 @@ def make_counting_batch(
     positions of real text, with the least context, have the highest loss.
 
     Args:
-        lengths: ``(B,)`` real tokens per row (``BOS`` included), each ``>= 1``.
+        lengths: ``(B,)`` real tokens per row (``BOS`` included), each
+            ``>= 1``.
         vocab_size: ``V >= 3``; id ``0`` is padding, id ``1`` is ``BOS``.
         seed: seed of the generator that draws the starts.
-        total_length: ``T``, at least ``max(lengths)`` and 2; default ``max(lengths, 2)``.
+        total_length: ``T``, at least ``max(lengths)`` and 2; default
+            ``max(lengths, 2)``.
 
     Returns:
         ``input_ids: (B, T)`` int64 with ``0`` after each row's tokens, and
         ``labels: (B, T)`` int64, equal to ``input_ids`` on real tokens and
         ``-100`` on padding.  Row ``i`` has ``lengths[i] - 1`` scored targets.
     """
-    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
-        raise ValueError("lengths must be a non-empty sequence of ints, one per row")
+    if (
+        isinstance(lengths, (str, bytes))
+        or not isinstance(lengths, Sequence)
+        or not lengths
+    ):
+        raise ValueError(
+            "lengths must be a non-empty sequence of ints, one per row"
+        )
     for index, length in enumerate(lengths):
         require_positive_int(length, f"lengths[{index}]")
     require_positive_int(vocab_size, "vocab_size")
     if vocab_size < 3:
-        raise ValueError(f"vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); got {vocab_size}")
+        raise ValueError(
+            "vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); "
+            f"got {vocab_size}"
+        )
     longest = max(max(lengths), 2)
     if total_length is None:
         total_length = longest
     require_positive_int(total_length, "total_length")
     if total_length < longest:
-        raise ValueError(f"total_length must be >= max(lengths, 2) = {longest}; got {total_length}")
+        raise ValueError(
+            f"total_length must be >= max(lengths, 2) = {longest}; "
+            f"got {total_length}"
+        )
     cycle = vocab_size - 2
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, cycle, (len(lengths),), generator=generator)
-    input_ids = torch.full((len(lengths), total_length), PAD_TOKEN_ID, dtype=torch.long)
+    input_ids = torch.full(
+        (len(lengths), total_length), PAD_TOKEN_ID, dtype=torch.long
+    )
     for row, length in enumerate(lengths):
         input_ids[row, 0] = BOS_TOKEN_ID
-        input_ids[row, 1:length] = 2 + (starts[row] + torch.arange(length - 1)) % cycle
+        counting = (starts[row] + torch.arange(length - 1)) % cycle
+        input_ids[row, 1:length] = 2 + counting
     labels = torch.where(input_ids == PAD_TOKEN_ID, IGNORE_INDEX, input_ids)
     return input_ids, labels
 
@@ -402,7 +458,8 @@ def warm_up(
     config = model.config
     if not 2 <= longest_row <= config.max_length:
         raise ValueError(
-            f"longest_row must lie in [2, config.max_length={config.max_length}]; got {longest_row}"
+            "longest_row must lie in "
+            f"[2, config.max_length={config.max_length}]; got {longest_row}"
         )
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
@@ -411,17 +468,22 @@ def warm_up(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     history = []
     for step in range(1, steps + 1):
-        lengths = torch.randint(2, longest_row + 1, (rows,), generator=generator).tolist()
+        lengths = torch.randint(
+            2, longest_row + 1, (rows,), generator=generator
+        ).tolist()
         input_ids, labels = make_counting_batch(
             lengths, vocab_size=config.vocab_size, seed=seed * 100_003 + step
         )
         model.zero_grad(set_to_none=True)
-        loss = token_loss_sum(model(input_ids), labels) / count_scored_tokens(labels)
+        loss = token_loss_sum(model(input_ids), labels)
+        loss = loss / count_scored_tokens(labels)
         loss.backward()
-        # Adam written out: torch.optim imports the compiler stack (torch._dynamo)
-        # on first use, seconds of start-up in every data-parallel worker.
+        # Adam written out: torch.optim imports the compiler stack
+        # (torch._dynamo) on first use, seconds of start-up in every
+        # data-parallel worker.
         with torch.no_grad():
-            for p, m, v in zip(parameters, first_moments, second_moments, strict=True):
+            moments = zip(first_moments, second_moments, strict=True)
+            for p, (m, v) in zip(parameters, moments, strict=True):
                 m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 m_hat = m / (1 - beta1**step)
@@ -446,7 +508,8 @@ class StepResult:
         loss: the loss the step reports (sum of the scaled micro-batch losses).
         gradient: ``(P,)`` all parameter gradients, flattened in
             ``model.parameters()`` order, in the model's dtype.
-        token_counts: scored tokens of each micro-batch (one entry for the full batch).
+        token_counts: scored tokens of each micro-batch (one entry for the
+            full batch).
     """
 
     reduction: str
@@ -456,10 +519,12 @@ class StepResult:
 
 
 def flat_gradient(model: nn.Module) -> torch.Tensor:
-    """``(P,)`` every parameter's ``.grad`` concatenated (zeros where ``None``)."""
+    """``(P,)`` all parameters' ``.grad``, concatenated (0 where ``None``)."""
     return torch.cat(
         [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+            (p.grad if p.grad is not None else torch.zeros_like(p))
+            .detach()
+            .reshape(-1)
             for p in model.parameters()
         ]
     ).clone()
@@ -472,24 +537,28 @@ def _check_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
     _check_labels(labels)
     if labels.shape != input_ids.shape:
         raise ValueError(
-            f"labels must have the shape of input_ids {tuple(input_ids.shape)}; "
-            f"got {tuple(labels.shape)}"
+            "labels must have the shape of input_ids "
+            f"{tuple(input_ids.shape)}; got {tuple(labels.shape)}"
         )
     if input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids needs T >= 2 positions; got T={input_ids.shape[1]}")
+        raise ValueError(
+            f"input_ids needs T >= 2 positions; got T={input_ids.shape[1]}"
+        )
 
 
 def _require_scored_tokens(labels: torch.Tensor) -> int:
     total = count_scored_tokens(labels)
     if total == 0:
         raise ValueError(
-            "labels has no scored token in the whole batch (every labels[:, 1:] is -100): "
-            "the token mean is 0/0"
+            "labels has no scored token in the whole batch "
+            "(every labels[:, 1:] is -100): the token mean is 0/0"
         )
     return total
 
 
-def full_batch_step(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
+def full_batch_step(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> StepResult:
     """Loss and gradient of the token mean over the whole batch at once.
 
     Args:
@@ -505,32 +574,41 @@ def full_batch_step(model: nn.Module, input_ids: torch.Tensor, labels: torch.Ten
     model.zero_grad(set_to_none=True)
     loss = token_loss_sum(model(input_ids), labels) / total
     loss.backward()
-    return StepResult("full_batch", loss.item(), flat_gradient(model), (total,))
+    return StepResult(
+        "full_batch", loss.item(), flat_gradient(model), (total,)
+    )
 
 
 def split_rows(
-    input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_rows: Sequence[int]
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    micro_batch_rows: Sequence[int],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a batch into consecutive micro-batches of ``micro_batch_rows`` rows each.
+    """Cut a batch into consecutive micro-batches of ``micro_batch_rows`` rows.
 
     Raises:
         ValueError: a size ``< 1`` or sizes that do not add up to ``B``.
     """
     _check_batch(input_ids, labels)
-    if isinstance(micro_batch_rows, (str, bytes)) or not isinstance(micro_batch_rows, Sequence):
+    if isinstance(micro_batch_rows, (str, bytes)) or not isinstance(
+        micro_batch_rows, Sequence
+    ):
         raise TypeError(
-            f"micro_batch_rows must be a sequence of ints; got {type(micro_batch_rows).__name__}"
+            "micro_batch_rows must be a sequence of ints; "
+            f"got {type(micro_batch_rows).__name__}"
         )
     for index, rows in enumerate(micro_batch_rows):
         require_positive_int(rows, f"micro_batch_rows[{index}]")
     if sum(micro_batch_rows) != input_ids.shape[0]:
         raise ValueError(
-            f"micro_batch_rows must add up to the batch's B={input_ids.shape[0]} rows; "
+            "micro_batch_rows must add up to the batch's "
+            f"B={input_ids.shape[0]} rows; "
             f"got {list(micro_batch_rows)} (sum {sum(micro_batch_rows)})"
         )
     pieces, start = [], 0
     for rows in micro_batch_rows:
-        pieces.append((input_ids[start : start + rows], labels[start : start + rows]))
+        stop = start + rows
+        pieces.append((input_ids[start:stop], labels[start:stop]))
         start += rows
     return pieces
 
@@ -566,16 +644,18 @@ def accumulation_step(
             micro-batch without a scored token (its own mean is 0/0).
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+        raise ValueError(
+            f"reduction must be one of {REDUCTIONS}; got {reduction!r}"
+        )
     pieces = split_rows(input_ids, labels, micro_batch_rows)
     total = _require_scored_tokens(labels)
-    counts = tuple(count_scored_tokens(piece_labels) for _, piece_labels in pieces)
+    counts = tuple(count_scored_tokens(lab) for _, lab in pieces)
     if reduction == "mean_of_means":
         for index, count in enumerate(counts):
             if count == 0:
                 raise ValueError(
-                    f"micro-batch {index} has no scored token: its mean loss is 0/0 "
-                    "(PyTorch's reduction='mean' returns nan)"
+                    f"micro-batch {index} has no scored token: its mean "
+                    "loss is 0/0 (PyTorch's reduction='mean' returns nan)"
                 )
     model.zero_grad(set_to_none=True)
     reported = 0.0
@@ -590,18 +670,129 @@ def accumulation_step(
     return StepResult(reduction, reported, flat_gradient(model), counts)
 
 
-def relative_difference(result: torch.Tensor, reference: torch.Tensor) -> float:
-    """``||result - reference|| / ||reference||`` (Euclidean norms of flat tensors)."""
+CountScope = Literal["global", "per_rank"]
+"""Which tokens a data-parallel step's denominator counts.
+
+``"global"``: every rank's micro-batches (``average_tokens_across_devices``
+true, the Trainer's default), with the loss multiplied by the number of
+ranks.  ``"per_rank"``: each rank counts only its own micro-batches.
+"""
+
+
+def data_parallel_accumulation_step(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    rank_micro_batch_rows: Sequence[Sequence[int]],
+    count: CountScope,
+) -> StepResult:
+    """Data parallelism with gradient accumulation, simulated in one process.
+
+    The rows are dealt out in order: rank 0 takes the first
+    ``sum(rank_micro_batch_rows[0])`` rows, rank 1 the next, and so on; each
+    rank cuts its rows into micro-batches of the given sizes.  Micro-batch
+    ``k`` of rank ``r`` back-propagates
+
+    * ``"global"``: ``R * S_rk / N``, with ``N`` the scored tokens of all
+      ranks and micro-batches and ``R`` the number of ranks;
+    * ``"per_rank"``: ``S_rk / n_r``, with ``n_r`` the scored tokens of
+      rank ``r``'s micro-batches only.
+
+    Each rank's gradients add up over its micro-batches, then the ranks'
+    gradients are averaged, as ``DistributedDataParallel``'s all-reduce does.
+
+    Args:
+        model: maps ``input_ids (B, T) int`` to ``logits (B, T, V)`` float.
+        input_ids: ``(B, T)`` int.
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+        rank_micro_batch_rows: per rank, the rows of each of its
+            micro-batches; all sizes ``>= 1``, adding up to ``B``.
+        count: ``"global"`` or ``"per_rank"``.
+
+    Returns:
+        A :class:`StepResult` whose ``loss`` is the mean over ranks of each
+        rank's summed micro-batch losses and whose ``token_counts`` are the
+        scored tokens of every micro-batch, rank by rank.
+
+    Raises:
+        ValueError: no scored token in the batch; for ``"per_rank"``, a rank
+            without a scored token (its own count is 0).
+    """
+    if count not in ("global", "per_rank"):
+        raise ValueError(
+            f"count must be 'global' or 'per_rank'; got {count!r}"
+        )
+    if isinstance(rank_micro_batch_rows, (str, bytes)) or not isinstance(
+        rank_micro_batch_rows, Sequence
+    ):
+        raise TypeError(
+            "rank_micro_batch_rows must be a sequence with one list of "
+            "micro-batch sizes per rank; "
+            f"got {type(rank_micro_batch_rows).__name__}"
+        )
+    for rank, sizes in enumerate(rank_micro_batch_rows):
+        if (
+            isinstance(sizes, (str, bytes))
+            or not isinstance(sizes, Sequence)
+            or not sizes
+        ):
+            raise ValueError(
+                f"rank_micro_batch_rows[{rank}] must be a non-empty list of "
+                "micro-batch sizes"
+            )
+    ranks = len(rank_micro_batch_rows)
+    if ranks == 0:
+        raise ValueError("rank_micro_batch_rows must describe at least 1 rank")
+    flat_rows = [rows for sizes in rank_micro_batch_rows for rows in sizes]
+    pieces = split_rows(input_ids, labels, flat_rows)
+    total = _require_scored_tokens(labels)
+    counts = tuple(count_scored_tokens(lab) for _, lab in pieces)
+    rank_pieces, first = [], 0
+    for sizes in rank_micro_batch_rows:
+        rank_pieces.append(range(first, first + len(sizes)))
+        first += len(sizes)
+    rank_counts = [sum(counts[i] for i in piece) for piece in rank_pieces]
+    if count == "per_rank":
+        for rank, rank_count in enumerate(rank_counts):
+            if rank_count == 0:
+                raise ValueError(
+                    f"rank {rank} has no scored token: its own count is 0"
+                )
+    rank_gradients, reported = [], 0.0
+    for rank, piece_indices in enumerate(rank_pieces):
+        model.zero_grad(set_to_none=True)
+        for index in piece_indices:
+            piece_ids, piece_labels = pieces[index]
+            piece_sum = token_loss_sum(model(piece_ids), piece_labels)
+            if count == "global":
+                piece_loss = ranks * piece_sum / total
+            else:
+                piece_loss = piece_sum / rank_counts[rank]
+            piece_loss.backward()
+            reported += piece_loss.item() / ranks
+        rank_gradients.append(flat_gradient(model))
+    # DistributedDataParallel's all-reduce: the mean of the ranks' gradients.
+    gradient = torch.stack(rank_gradients).sum(dim=0) / ranks
+    model.zero_grad(set_to_none=True)
+    return StepResult(f"data_parallel_{count}", reported, gradient, counts)
+
+
+def relative_difference(
+    result: torch.Tensor, reference: torch.Tensor
+) -> float:
+    """``||result - reference|| / ||reference||`` (Euclidean norms)."""
     require_tensor(result, "result")
     require_tensor(reference, "reference")
     if result.shape != reference.shape:
         raise ValueError(
-            f"result must have the shape of reference {tuple(reference.shape)}; "
-            f"got {tuple(result.shape)}"
+            "result must have the shape of reference "
+            f"{tuple(reference.shape)}; got {tuple(result.shape)}"
         )
     scale = float(torch.linalg.vector_norm(reference))
     if scale == 0.0:
-        raise ValueError("reference has norm 0: a relative difference is undefined")
+        raise ValueError(
+            "reference has norm 0: a relative difference is undefined"
+        )
     return float(torch.linalg.vector_norm(result - reference)) / scale
 
 
@@ -634,17 +825,27 @@ def naive_error_by_imbalance(
     for ratio in token_ratios:
         require_positive_int(ratio, "token_ratios[i]")
         lengths = [short_tokens + 1, ratio * short_tokens + 1]
-        input_ids, labels = make_counting_batch(lengths, vocab_size=vocab_size, seed=seed + ratio)
+        input_ids, labels = make_counting_batch(
+            lengths, vocab_size=vocab_size, seed=seed + ratio
+        )
         full = full_batch_step(model, input_ids, labels)
-        naive = accumulation_step(model, input_ids, labels, [1, 1], "mean_of_means")
-        fixed = accumulation_step(model, input_ids, labels, [1, 1], "token_mean")
+        naive = accumulation_step(
+            model, input_ids, labels, [1, 1], "mean_of_means"
+        )
+        fixed = accumulation_step(
+            model, input_ids, labels, [1, 1], "token_mean"
+        )
+        naive_grad = relative_difference(naive.gradient, full.gradient)
+        fixed_grad = relative_difference(fixed.gradient, full.gradient)
         rows.append(
             {
                 "token_ratio": float(ratio),
-                "naive_loss_error": abs(naive.loss - full.loss) / abs(full.loss),
-                "naive_gradient_error": relative_difference(naive.gradient, full.gradient),
-                "fixed_loss_error": abs(fixed.loss - full.loss) / abs(full.loss),
-                "fixed_gradient_error": relative_difference(fixed.gradient, full.gradient),
+                "naive_loss_error": abs(naive.loss - full.loss)
+                / abs(full.loss),
+                "naive_gradient_error": naive_grad,
+                "fixed_loss_error": abs(fixed.loss - full.loss)
+                / abs(full.loss),
+                "fixed_gradient_error": fixed_grad,
             }
         )
     model.zero_grad(set_to_none=True)

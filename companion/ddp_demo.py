@@ -1,12 +1,14 @@
-"""Data-parallel training on the CPU: which per-rank loss gives the full-batch gradient.
+"""Data-parallel training on the CPU: which per-rank loss is right.
 
 Run it as a module::
 
-    python -m companion.ddp_demo --world-size 2 --shard 3,4,3,5 --shard 41 --output result.json
+    python -m companion.ddp_demo --world-size 2 \\
+        --shard 3,4,3,5 --shard 41 --output result.json
 
 It starts ``world_size`` processes on this machine (``torch.multiprocessing``,
-``spawn``), joins them in a ``gloo`` process group on ``127.0.0.1`` and wraps
-the same :class:`~companion.accumulation.TinyCausalLM` in
+``fork`` on Linux, ``spawn`` elsewhere), joins them in a ``gloo`` process
+group on ``127.0.0.1`` and wraps the same
+:class:`~companion.accumulation.TinyCausalLM` in
 ``DistributedDataParallel``.  Rank ``r`` holds the rows whose lengths are
 ``--shard`` number ``r``.  DDP *averages* gradients over ranks, so the
 per-rank loss decides what the step optimises.  Three per-rank losses are
@@ -15,8 +17,9 @@ compared with one process computing the token mean of all rows:
 * ``"mean_of_means"``: ``S_r / n_r``, the rank's own token mean.  DDP's
   average makes the step a mean of per-rank means.
 * ``"global_count_unscaled"``: ``S_r / N`` with ``N`` all-reduced over
-  ranks.  Right denominator, but DDP's average then divides by ``W`` again.
-* ``"token_mean"``: ``W * S_r / N``.  After DDP's average the gradient is
+  ranks.  Right denominator, but DDP's average then divides by the number
+  of ranks ``R`` again.
+* ``"token_mean"``: ``R * S_r / N``.  After DDP's average the gradient is
   ``sum_r grad S_r / N``, the full-batch gradient.
 
 The parent process enforces a deadline, and stops every worker (SIGTERM, then
@@ -62,7 +65,11 @@ from companion.accumulation import (
     warm_up,
 )
 
-VARIANTS: tuple[str, ...] = ("mean_of_means", "global_count_unscaled", "token_mean")
+VARIANTS: tuple[str, ...] = (
+    "mean_of_means",
+    "global_count_unscaled",
+    "token_mean",
+)
 """Per-rank losses the demo compares, in the order it runs them."""
 
 DEFAULT_SHARDS: tuple[tuple[int, ...], ...] = ((3, 4, 3, 5), (41,))
@@ -117,7 +124,7 @@ class FailureInjection:
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything a worker needs besides its rank (picklable, sent to each worker)."""
+    """Everything a worker needs besides its rank (picklable, sent to it)."""
 
     world_size: int
     port: int
@@ -134,7 +141,9 @@ class DemoSettings:
 
 
 def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it: bind to port 0).
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    The OS picks it: the probe socket binds to port 0.
 
     Another program could take it before rank 0 binds it; the window is tiny
     on a test machine and a clash fails loudly in ``init_process_group``.
@@ -144,35 +153,50 @@ def find_free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _check_shards(shard_lengths: Sequence[Sequence[int]], world_size: int) -> list[list[int]]:
+def _check_shards(
+    shard_lengths: Sequence[Sequence[int]], world_size: int
+) -> list[list[int]]:
     require_positive_int(world_size, "world_size")
-    if isinstance(shard_lengths, (str, bytes)) or not isinstance(shard_lengths, Sequence):
+    if isinstance(shard_lengths, (str, bytes)) or not isinstance(
+        shard_lengths, Sequence
+    ):
         raise TypeError(
-            "shard_lengths must be a sequence with one list of row lengths per rank; "
+            "shard_lengths must be a sequence with one list of row lengths "
+            "per rank; "
             f"got {type(shard_lengths).__name__}"
         )
     if len(shard_lengths) != world_size:
         raise ValueError(
-            f"world_size={world_size} but shard_lengths describes {len(shard_lengths)} "
+            f"world_size={world_size} but shard_lengths describes "
+            f"{len(shard_lengths)} "
             "shard(s): give exactly one list of row lengths per rank"
         )
     shards = []
     for rank, lengths in enumerate(shard_lengths):
-        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
-            raise ValueError(f"shard_lengths[{rank}] must be a non-empty list of row lengths")
+        if (
+            isinstance(lengths, (str, bytes))
+            or not isinstance(lengths, Sequence)
+            or not lengths
+        ):
+            raise ValueError(
+                f"shard_lengths[{rank}] must be a non-empty list of "
+                "row lengths"
+            )
         for index, length in enumerate(lengths):
             require_positive_int(length, f"shard_lengths[{rank}][{index}]")
         shards.append([int(length) for length in lengths])
     scored = [sum(length - 1 for length in lengths) for lengths in shards]
     if sum(scored) == 0:
         raise ValueError(
-            "the whole batch has no scored token (every row has length 1, so no position "
+            "the whole batch has no scored token (every row has length 1, "
+            "so no position "
             "has a next token): the token mean is 0/0"
         )
     for rank, count in enumerate(scored):
         if count == 0:
             raise ValueError(
-                f"shard_lengths[{rank}] has no scored token (all rows of length 1): that "
+                f"shard_lengths[{rank}] has no scored token "
+                "(all rows of length 1): that "
                 "rank's own mean, used by the mean_of_means variant, is 0/0"
             )
     return shards
@@ -200,11 +224,15 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, settings: DemoSettings) -> None:
-    """One rank: DDP steps for every variant; rank 0 also runs the full batch and writes JSON."""
+    """One rank: DDP steps for every variant.
+
+    Rank 0 also runs the full batch in one process and writes the JSON.
+    """
     os.environ["MASTER_ADDR"] = MASTER_ADDR
     os.environ["MASTER_PORT"] = str(settings.port)
-    # Gloo looks up the host name to pick a network interface; pinning it to
-    # loopback keeps the run on this machine whatever the host name resolves to.
+    # Gloo looks up the host name to pick a network interface; pinning it
+    # to loopback keeps the run on this machine whatever the host name
+    # resolves to.
     if "GLOO_SOCKET_IFNAME" not in os.environ and any(
         name == "lo" for _, name in socket.if_nameindex()
     ):
@@ -227,7 +255,8 @@ def _run_rank(rank: int, settings: DemoSettings) -> None:
     world_size = dist.get_world_size()
     if world_size != settings.world_size:
         raise RuntimeError(
-            f"process group has world size {world_size}; expected {settings.world_size}"
+            f"process group has world size {world_size}; "
+            f"expected {settings.world_size}"
         )
     _inject(settings.failure, rank)
     model = build_tiny_lm(settings.config, seed=settings.seed)
@@ -241,7 +270,7 @@ def _run_rank(rank: int, settings: DemoSettings) -> None:
     labels = torch.tensor(settings.labels, dtype=torch.long)
     first, stop = settings.shard_rows[rank]
     rank_ids, rank_labels = input_ids[first:stop], labels[first:stop]
-    rank_count = torch.tensor(count_scored_tokens(rank_labels), dtype=torch.long)
+    rank_count = torch.tensor(count_scored_tokens(rank_labels))
     global_count = int(_all_reduce_sum(rank_count))
 
     records: dict[str, dict[str, Any]] = {}
@@ -268,7 +297,14 @@ def _run_rank(rank: int, settings: DemoSettings) -> None:
             ),
         }
     if rank == 0:
-        _write_result(settings, single_process_model, input_ids, labels, global_count, records)
+        _write_result(
+            settings,
+            single_process_model,
+            input_ids,
+            labels,
+            global_count,
+            records,
+        )
 
 
 def _write_result(
@@ -285,7 +321,9 @@ def _write_result(
     full_loss.backward()
     full_gradient = flat_gradient(model)
     full_value = full_loss.item()
-    reference_loss = reference.causal_lm_loss(logits.detach().numpy(), labels.numpy())
+    reference_loss = reference.causal_lm_loss(
+        logits.detach().numpy(), labels.numpy()
+    )
     full_norm = float(torch.linalg.vector_norm(full_gradient))
     result: dict[str, Any] = {
         "world_size": settings.world_size,
@@ -296,7 +334,9 @@ def _write_result(
             [int((row != -100).sum()) for row in labels[first:stop]]
             for first, stop in settings.shard_rows
         ],
-        "shard_token_counts": [count_scored_tokens(labels[a:b]) for a, b in settings.shard_rows],
+        "shard_token_counts": [
+            count_scored_tokens(labels[a:b]) for a, b in settings.shard_rows
+        ],
         "global_token_count": global_count,
         "full_batch": {
             "loss": full_value,
@@ -309,9 +349,13 @@ def _write_result(
         gradient = record["gradient"]
         result["variants"][variant] = {
             "loss": record["loss"],
-            "relative_loss_error": abs(record["loss"] - full_value) / abs(full_value),
-            "relative_gradient_error": relative_difference(gradient, full_gradient),
-            "gradient_norm_ratio": float(torch.linalg.vector_norm(gradient)) / full_norm,
+            "relative_loss_error": abs(record["loss"] - full_value)
+            / abs(full_value),
+            "relative_gradient_error": relative_difference(
+                gradient, full_gradient
+            ),
+            "gradient_norm_ratio": float(torch.linalg.vector_norm(gradient))
+            / full_norm,
             "max_rank_disagreement": record["max_rank_disagreement"],
         }
     target = Path(settings.result_dir) / RESULT_FILE
@@ -326,7 +370,10 @@ def _write_result(
 
 
 def _stop_workers(processes: Sequence[Any], grace_s: float = 2.0) -> None:
-    """SIGTERM every live worker, then SIGKILL those still alive after ``grace_s``; reap all."""
+    """SIGTERM every live worker, SIGKILL those alive after ``grace_s``.
+
+    Every worker is reaped (joined) before this returns.
+    """
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -359,7 +406,9 @@ def run_ddp_comparison(
     failure: FailureInjection | None = None,
     start_method: Literal["fork", "spawn"] | None = None,
 ) -> dict[str, Any]:
-    """Launch ``world_size`` gloo workers, run the three variants, return the comparison.
+    """Launch ``world_size`` gloo workers, run the three variants.
+
+    Returns the comparison that rank 0 wrote.
 
     Args:
         shard_lengths: one list per rank of row lengths (tokens per row,
@@ -398,18 +447,32 @@ def run_ddp_comparison(
     if start_method is None:
         start_method = "fork" if sys.platform.startswith("linux") else "spawn"
     if start_method not in ("fork", "spawn"):
-        raise ValueError(f"start_method must be 'fork' or 'spawn'; got {start_method!r}")
+        raise ValueError(
+            f"start_method must be 'fork' or 'spawn'; got {start_method!r}"
+        )
     require_positive_int(warm_up_steps, "warm_up_steps")
-    if not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds; got {timeout_s!r}")
+    if (
+        not isinstance(timeout_s, (int, float))
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise ValueError(
+            "timeout_s must be a positive number of seconds; "
+            f"got {timeout_s!r}"
+        )
     if failure is not None and not 0 <= failure.rank < world_size:
-        raise ValueError(f"failure.rank must lie in [0, {world_size}); got {failure.rank}")
+        raise ValueError(
+            f"failure.rank must lie in [0, {world_size}); got {failure.rank}"
+        )
     lengths = [length for shard in shards for length in shard]
     if max(lengths) > config.max_length:
         raise ValueError(
-            f"the longest row has {max(lengths)} tokens; config.max_length is {config.max_length}"
+            f"the longest row has {max(lengths)} tokens; "
+            f"config.max_length is {config.max_length}"
         )
-    input_ids, labels = make_counting_batch(lengths, vocab_size=config.vocab_size, seed=seed)
+    input_ids, labels = make_counting_batch(
+        lengths, vocab_size=config.vocab_size, seed=seed
+    )
     shard_rows, first = [], 0
     for shard in shards:
         shard_rows.append((first, first + len(shard)))
@@ -425,9 +488,11 @@ def run_ddp_comparison(
             config=config,
             seed=seed,
             warm_up_steps=warm_up_steps,
-            # Longer than the parent's deadline, so that a stuck run ends by the
-            # parent stopping every worker, not by one worker's collective failing.
-            collective_timeout_s=float(timeout_s) + COLLECTIVE_TIMEOUT_MARGIN_S,
+            # Longer than the parent's deadline, so that a stuck run ends by
+            # the parent stopping every worker, not by one worker's
+            # collective failing.
+            collective_timeout_s=float(timeout_s)
+            + COLLECTIVE_TIMEOUT_MARGIN_S,
             result_dir=result_dir,
             failure=failure,
             start_method=start_method,
@@ -435,7 +500,9 @@ def run_ddp_comparison(
         _launch_and_wait(settings, timeout_s)
         result_path = Path(result_dir) / RESULT_FILE
         if not result_path.exists():
-            raise WorkerFailedError("rank 0 exited without writing its result", 0, [])
+            raise WorkerFailedError(
+                "rank 0 exited without writing its result", 0, []
+            )
         return json.loads(result_path.read_text())
 
 
@@ -446,7 +513,11 @@ def _launch_and_wait(settings: DemoSettings, timeout_s: float) -> None:
         # seconds per process.  Imported once here, forked workers inherit it.
         importlib.import_module("torch._dynamo")
     context = torch_mp.start_processes(
-        _worker, args=(settings,), nprocs=settings.world_size, join=False, start_method=settings.start_method
+        _worker,
+        args=(settings,),
+        nprocs=settings.world_size,
+        join=False,
+        start_method=settings.start_method,
     )
     processes, error_files = context.processes, context.error_files
     pids = [int(process.pid) for process in processes]
@@ -456,21 +527,25 @@ def _launch_and_wait(settings: DemoSettings, timeout_s: float) -> None:
                 if process.exitcode not in (None, 0):
                     _stop_workers(processes)
                     raise WorkerFailedError(
-                        _failure_message(rank, process, error_files[rank]), rank, pids
+                        _failure_message(rank, process, error_files[rank]),
+                        rank,
+                        pids,
                     )
-            running = [process for process in processes if process.exitcode is None]
+            running = [p for p in processes if p.exitcode is None]
             if not running:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 _stop_workers(processes)
                 raise WorkersTimedOutError(
-                    f"the {settings.world_size} workers did not finish within {timeout_s:g} s; "
+                    f"the {settings.world_size} workers did not finish "
+                    f"within {timeout_s:g} s; "
                     "all were stopped",
                     pids,
                 )
             multiprocessing.connection.wait(
-                [process.sentinel for process in running], timeout=min(remaining, 0.5)
+                [process.sentinel for process in running],
+                timeout=min(remaining, 0.5),
             )
     finally:
         _stop_workers(processes)
@@ -489,17 +564,26 @@ def _parse_shard(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--shard takes comma-separated row lengths such as 3,4,5; got {text!r}"
+            "--shard takes comma-separated row lengths such as 3,4,5; "
+            f"got {text!r}"
         ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; prints or writes the result as JSON.  Returns the exit status."""
+    """Command-line entry point: print or write the result as JSON.
+
+    Returns the exit status.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m companion.ddp_demo",
-        description="Compare per-rank loss reductions under DistributedDataParallel (gloo, CPU).",
+        description=(
+            "Compare per-rank loss reductions under "
+            "DistributedDataParallel (gloo, CPU)."
+        ),
     )
-    parser.add_argument("--world-size", type=int, default=2, help="number of processes")
+    parser.add_argument(
+        "--world-size", type=int, default=2, help="number of processes"
+    )
     parser.add_argument(
         "--shard",
         type=_parse_shard,
@@ -508,10 +592,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-up-steps", type=int, default=40)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds for the whole run")
-    parser.add_argument("--output", type=Path, help="write the JSON here instead of stdout")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds for the whole run",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="write the JSON here instead of stdout"
+    )
     args = parser.parse_args(argv)
-    shards = args.shard if args.shard is not None else [list(s) for s in DEFAULT_SHARDS]
+    if args.shard is not None:
+        shards = args.shard
+    else:
+        shards = [list(s) for s in DEFAULT_SHARDS]
     try:
         result = run_ddp_comparison(
             shards,

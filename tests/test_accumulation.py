@@ -24,6 +24,8 @@ from companion.accumulation import (  # noqa: E402
     accumulation_step,
     build_tiny_lm,
     count_scored_tokens,
+    data_parallel_accumulation_step,
+    flat_gradient,
     full_batch_step,
     make_counting_batch,
     mean_of_means,
@@ -368,6 +370,111 @@ def test_batch_shape_errors(model):
         full_batch_step(model, input_ids, labels.double())
 
 
+@st.composite
+def ranks_and_micro_batches(draw):
+    ranks = draw(st.integers(1, 3))
+    sizes = draw(
+        st.lists(
+            st.lists(st.integers(1, 2), min_size=1, max_size=3),
+            min_size=ranks,
+            max_size=ranks,
+        )
+    )
+    rows = sum(sum(rank) for rank in sizes)
+    lengths = draw(st.lists(st.integers(2, 12), min_size=rows, max_size=rows))
+    seed = draw(st.integers(0, 1000))
+    return lengths, sizes, seed
+
+
+@settings(max_examples=15)
+@given(ranks_and_micro_batches())
+def test_data_parallel_accumulation_with_global_count_is_full_batch(
+    model, case
+):
+    lengths, sizes, seed = case
+    input_ids, labels = make_counting_batch(
+        lengths, vocab_size=CONFIG.vocab_size, seed=seed
+    )
+    full = full_batch_step(model, input_ids, labels)
+    step = data_parallel_accumulation_step(
+        model, input_ids, labels, sizes, "global"
+    )
+    assert step.loss == pytest.approx(full.loss, rel=TIGHT)
+    assert relative_difference(step.gradient, full.gradient) < 1e-12
+    assert sum(step.token_counts) == full.token_counts[0]
+    assert len(step.token_counts) == sum(len(rank) for rank in sizes)
+
+
+@settings(max_examples=15)
+@given(ranks_and_micro_batches())
+def test_data_parallel_accumulation_per_rank_is_a_mean_of_rank_means(
+    model, case
+):
+    lengths, sizes, seed = case
+    input_ids, labels = make_counting_batch(
+        lengths, vocab_size=CONFIG.vocab_size, seed=seed
+    )
+    step = data_parallel_accumulation_step(
+        model, input_ids, labels, sizes, "per_rank"
+    )
+    rank_rows = [sum(rank) for rank in sizes]
+    sums, counts = [], []
+    with torch.no_grad():
+        for ids, lab in split_rows(input_ids, labels, rank_rows):
+            logits = model(ids).numpy()
+            sums.append(
+                reference.causal_lm_loss(
+                    logits, lab.numpy(), num_items_in_batch=1
+                )
+            )
+            counts.append(count_scored_tokens(lab))
+    assert step.loss == pytest.approx(mean_of_means(sums, counts), rel=1e-11)
+    # Per rank it is the rank's own token mean: accumulation is right
+    # inside a rank, and only the ranks are averaged with equal weights.
+    gradients = []
+    for ids, lab in split_rows(input_ids, labels, rank_rows):
+        gradients.append(full_batch_step(model, ids, lab).gradient)
+    expected = torch.stack(gradients).mean(dim=0)
+    assert relative_difference(step.gradient, expected) < 1e-12
+
+
+def test_data_parallel_accumulation_counts_across_ranks(model):
+    input_ids, labels = make_counting_batch(
+        [3, 4, 3, 5, 20, 9], vocab_size=CONFIG.vocab_size, seed=5
+    )
+    full = full_batch_step(model, input_ids, labels)
+    right = data_parallel_accumulation_step(
+        model, input_ids, labels, [[2, 2], [1, 1]], "global"
+    )
+    wrong = data_parallel_accumulation_step(
+        model, input_ids, labels, [[2, 2], [1, 1]], "per_rank"
+    )
+    assert right.token_counts == (5, 6, 19, 8)
+    assert relative_difference(right.gradient, full.gradient) < 1e-12
+    assert relative_difference(wrong.gradient, full.gradient) > 0.2
+    # The step leaves no gradient behind in the model.
+    assert torch.count_nonzero(flat_gradient(model)) == 0
+
+
+@pytest.mark.parametrize(
+    ("sizes", "count", "error", "match"),
+    [
+        ([[1], [1]], "mean", ValueError, "count must be 'global'"),
+        ([[1], []], "global", ValueError, r"rank_micro_batch_rows\[1\]"),
+        ([], "global", ValueError, "at least 1 rank"),
+        (3, "global", TypeError, "one list of micro-batch sizes per rank"),
+        ([[1], [2]], "global", ValueError, "add up to the batch's B=2"),
+        ([[1], [1]], "per_rank", ValueError, "rank 0 has no scored token"),
+    ],
+)
+def test_data_parallel_accumulation_errors(model, sizes, count, error, match):
+    input_ids, labels = make_counting_batch(
+        [1, 4], vocab_size=CONFIG.vocab_size, seed=0
+    )
+    with pytest.raises(error, match=match):
+        data_parallel_accumulation_step(model, input_ids, labels, sizes, count)
+
+
 def test_relative_difference_errors():
     with pytest.raises(ValueError, match="norm 0"):
         relative_difference(torch.ones(3), torch.zeros(3))
@@ -390,11 +497,15 @@ def test_naive_error_grows_with_imbalance_and_fix_stays_exact(model):
 # ---------------------------------------------------------------------------
 
 
-def test_pytorch_mean_over_no_target_is_nan():
-    logits = torch.zeros(3, 4)
+def test_pytorch_mean_over_no_target_is_nan_with_a_zero_gradient():
+    logits = torch.zeros(3, 4, requires_grad=True)
     targets = torch.full((3,), -100)
-    assert math.isnan(float(F.cross_entropy(logits, targets, reduction="mean")))
-    assert float(F.cross_entropy(logits, targets, reduction="sum")) == 0.0
+    mean = F.cross_entropy(logits, targets, reduction="mean")
+    assert math.isnan(mean.item())
+    assert F.cross_entropy(logits, targets, reduction="sum").item() == 0.0
+    # The nan does not reach the gradient: no target, nothing to push.
+    (mean / 2).backward()
+    assert torch.count_nonzero(logits.grad) == 0
 
 
 @given(logits_and_labels(), st.integers(1, 50))

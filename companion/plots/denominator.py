@@ -8,10 +8,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from companion.accumulation import token_weight_factors
-from companion.plots import COLORS, new_figure
+from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
+
+LEGEND_PT = 9
+"""Legend font size in points (tick labels and axis labels use 10 pt)."""
 
 
-def plot_token_weights(counts: Sequence[int], group_label: str = "micro-batch") -> plt.Figure:
+def plot_token_weights(
+    counts: Sequence[int], group_label: str = "micro-batch"
+) -> plt.Figure:
     """Weight of one token of each group in the loss, under both reductions.
 
     The token mean gives every token ``1 / N``; the equal-weight mean of
@@ -24,18 +29,35 @@ def plot_token_weights(counts: Sequence[int], group_label: str = "micro-batch") 
     """
     factors = token_weight_factors(counts)
     positions = np.arange(len(factors))
-    fig, ax = new_figure(width=6.0, height=3.0)
+    fig, ax = new_figure(width=TEXT_WIDTH_IN, height=3.0)
     width = 0.38
-    ax.bar(positions - width / 2, np.ones(len(factors)), width, color=COLORS["right"],
-           label="token mean: $1/N$ for every token")
-    ax.bar(positions + width / 2, factors, width, color=COLORS["wrong"],
-           label="mean of means: $1/(K\\,n_k)$")
-    ax.set_xticks(positions, [f"{group_label} {k + 1}\n$n_{{{k + 1}}}$ = {n}" for k, n in enumerate(counts)])
-    ax.set_ylabel("weight of one token (units of $1/N$)")
+    ax.bar(
+        positions - width / 2,
+        np.ones(len(factors)),
+        width,
+        color=COLORS["right"],
+        label="token mean: $1/N$ for every token",
+    )
+    ax.bar(
+        positions + width / 2,
+        factors,
+        width,
+        color=COLORS["wrong"],
+        label="mean of means: $1/(K\\,n_k)$",
+    )
+    tick_labels = [
+        f"{group_label} {k + 1}\n$n_{{{k + 1}}}$ = {n}"
+        for k, n in enumerate(counts)
+    ]
+    ax.set_xticks(positions, tick_labels)
+    ax.set_ylabel("weight of one token\n(units of $1/N$)")
     ax.set_xlabel(f"{group_label} and its scored tokens")
     ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.legend(frameon=False, fontsize="small")
-    ax.set_title("A token of a small group counts more under the mean of means")
+    ax.legend(frameon=False, fontsize=LEGEND_PT)
+    ax.set_title(
+        "A token of a small group counts more under the mean of means",
+        fontsize=11,
+    )
     return fig
 
 
@@ -45,35 +67,63 @@ def plot_naive_error_vs_imbalance(
     naive_gradient_error: Sequence[float],
     fixed_gradient_error: Sequence[float],
 ) -> plt.Figure:
-    """Relative error of the naive and fixed accumulated step against the full batch.
+    """Relative error of the naive and fixed accumulated step vs full batch.
 
     Args:
-        token_ratios: ``(R,)`` scored tokens of the long micro-batch divided by
-            those of the short one.
+        token_ratios: ``(R,)`` scored tokens of the long micro-batch divided
+            by those of the short one.
         naive_loss_error: ``(R,)`` relative loss error of the mean of means.
-        naive_gradient_error: ``(R,)`` relative gradient error (Euclidean norm)
-            of the mean of means.
-        fixed_gradient_error: ``(R,)`` the same for the ``num_items_in_batch`` fix.
+        naive_gradient_error: ``(R,)`` relative gradient error (Euclidean
+            norm) of the mean of means.
+        fixed_gradient_error: ``(R,)`` the same for the
+            ``num_items_in_batch`` fix.
     """
-    lengths = {len(token_ratios), len(naive_loss_error), len(naive_gradient_error),
-               len(fixed_gradient_error)}
+    lengths = {
+        len(token_ratios),
+        len(naive_loss_error),
+        len(naive_gradient_error),
+        len(fixed_gradient_error),
+    }
     if len(lengths) != 1:
         raise ValueError(
-            "token_ratios, naive_loss_error, naive_gradient_error and fixed_gradient_error "
-            f"must have the same length; got lengths {sorted(lengths)}"
+            "token_ratios, naive_loss_error, naive_gradient_error and "
+            "fixed_gradient_error must have the same length; "
+            f"got lengths {sorted(lengths)}"
         )
-    fig, ax = new_figure(width=6.5, height=3.2)
+    fig, ax = new_figure(width=TEXT_WIDTH_IN, height=3.2)
     ratios = np.asarray(token_ratios, dtype=float)
-    ax.plot(ratios, 100 * np.asarray(naive_gradient_error), marker="o", color=COLORS["wrong"],
-            label="mean of means: gradient")
-    ax.plot(ratios, 100 * np.asarray(naive_loss_error), marker="s", linestyle="--",
-            color=COLORS["wrong"], alpha=0.6, label="mean of means: loss")
-    ax.plot(ratios, 100 * np.asarray(fixed_gradient_error), marker="^", color=COLORS["right"],
-            label="sum / num_items_in_batch: gradient")
+    ax.plot(
+        ratios,
+        100 * np.asarray(naive_gradient_error),
+        marker="o",
+        color=COLORS["wrong"],
+        label="mean of means: gradient",
+    )
+    ax.plot(
+        ratios,
+        100 * np.asarray(naive_loss_error),
+        marker="s",
+        linestyle="--",
+        color=COLORS["wrong"],
+        alpha=0.6,
+        label="mean of means: loss",
+    )
+    ax.plot(
+        ratios,
+        100 * np.asarray(fixed_gradient_error),
+        marker="^",
+        color=COLORS["right"],
+        label="sum / num_items_in_batch: gradient",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
-    ax.set_xlabel("imbalance: scored tokens of micro-batch 2 / micro-batch 1 (ratio)")
+    ax.set_xlabel(
+        "imbalance: scored tokens of micro-batch 2 / micro-batch 1 (ratio)"
+    )
     ax.set_ylabel("relative error vs full batch (%)")
-    ax.set_title("The naive error grows with imbalance; the fix stays at zero")
-    ax.legend(frameon=False, fontsize="small")
+    ax.set_title(
+        "The naive error grows with imbalance; the fix stays at zero",
+        fontsize=11,
+    )
+    ax.legend(frameon=False, fontsize=LEGEND_PT)
     return fig
