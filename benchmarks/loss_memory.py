@@ -1,8 +1,8 @@
-"""Peak memory and time of four causal-LM loss formulations at vocabulary scale.
+"""Peak memory and time of four causal-LM losses at vocabulary scale.
 
-Full run (B=1, H=512, T in {512, 2048, 8192}, V in {32000, 128256}, 24 runs;
-about 18 minutes on a quiet 2-core CPU machine with 24 GiB of memory, an
-estimate from the quick run, since the work grows with T*V)::
+Full run (B=1, hidden width d=512, T in {512, 2048, 8192},
+V in {32000, 128256}, 24 runs; about 14 minutes on a 2-core CPU machine
+with 24 GiB of memory; the results file records its ``duration_s``)::
 
     .venv/bin/python benchmarks/loss_memory.py
 
@@ -36,7 +36,9 @@ no variant inherits another's allocator state:
 A configuration whose first-principles estimate
 (``companion.chunked_loss.estimate_peak_bytes``) plus inputs does not fit in
 the memory available (``MemAvailable``, capped at ``--memory-limit-gib``) is
-reported as ``oom`` without being run.  A worker that still runs out of
+not run: its record has status ``not_run``, the estimated need
+(``needed_bytes``) and the budget (``budget_bytes``), and no measurement.
+A worker that runs out of
 memory (its data segment is capped at that budget with ``RLIMIT_DATA``, so
 the allocation fails instead of waking the kernel's OOM killer), or that
 dies, is reported as ``oom`` or ``error``; the benchmark carries on.
@@ -297,9 +299,10 @@ def write_results(payload: dict[str, Any], directory: Path, stem: str) -> tuple[
     csv_path = directory / f"{stem}.csv"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     columns = [
-        "variant", "batch", "time", "vocab", "hidden_size", "chunk_size", "status",
-        "peak_bytes", "peak_tensor_bytes", "estimate_bytes", "median_s", "times_s", "median_cpu_s", "cpu_times_s",
-        "detail",
+        "variant", "batch", "time", "vocab", "hidden_size", "chunk_size",
+        "status", "peak_bytes", "peak_tensor_bytes", "estimate_bytes",
+        "needed_bytes", "budget_bytes", "median_s", "times_s",
+        "median_cpu_s", "cpu_times_s", "detail",
     ]
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -345,11 +348,17 @@ def run_parent(args: argparse.Namespace) -> None:
         label = f"[{index}/{len(plan)}] T={time_steps} V={vocab} {variant}"
         needed = estimate + inputs + PROCESS_OVERHEAD_BYTES
         if needed > budget:
+            # An estimate, not a measurement: the record says so.
             record.update(
-                status="oom",
-                detail=f"estimated {needed / GIB:.1f} GiB > budget {budget / GIB:.1f} GiB; not run",
+                status="not_run",
+                needed_bytes=needed,
+                budget_bytes=budget,
+                detail=(
+                    f"not run: estimated {needed / GIB:.1f} GiB "
+                    f"> budget {budget / GIB:.1f} GiB"
+                ),
             )
-            log(f"{label}: out of memory (estimated {needed / GIB:.1f} GiB)")
+            log(f"{label}: {record['detail']}")
         else:
             record.update(launch_worker(variant, time_steps, vocab, args, budget))
             if record["status"] == "ok":

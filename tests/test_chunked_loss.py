@@ -33,8 +33,10 @@ from companion.chunked_loss import (
     find_results_file,
     measure_peak_tensor_bytes,
     memory_target_report,
+    not_run_text,
     shift_labels_with_padding,
     time_target_report,
+    was_not_run,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -256,15 +258,15 @@ def _good():
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        (lambda h, w, y: (h, torch.randn(7, 3), y), ValueError, r"weight must have shape \(V, H\) with H"),
+        (lambda h, w, y: (h, torch.randn(7, 3), y), ValueError, r"weight must have shape \(V, d\) with d"),
         (lambda h, w, y: (h, w, y[:, :4]), ValueError, r"labels must have shape \(B, T\)"),
         (lambda h, w, y: (h, w, y[0]), ValueError, r"labels must be a 2-D tensor"),
         (lambda h, w, y: (h, w, y.float()), TypeError, r"labels must hold integer"),
-        (lambda h, w, y: (h[0], w, y), ValueError, r"hidden must be a 3-D tensor \(B, T, H\)"),
+        (lambda h, w, y: (h[0], w, y), ValueError, r"hidden must be a 3-D tensor \(B, T, d\)"),
         (lambda h, w, y: (h, w.double(), y), TypeError, r"weight must have hidden's dtype"),
         (lambda h, w, y: (h, w, y + 7), ValueError, r"labels must lie in \[0, 7\)"),
         (lambda h, w, y: (h.numpy(), w, y), TypeError, r"hidden must be a torch.Tensor"),
-        (lambda h, w, y: (h[:, :0], w, y[:, :0]), ValueError, r"hidden \(B, T, H\) must have no empty"),
+        (lambda h, w, y: (h[:, :0], w, y[:, :0]), ValueError, r"hidden \(B, T, d\) must have no empty"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(loss_fn, change, error, message):
@@ -363,12 +365,48 @@ def _records(eager_peak, chunked_peak, eager_s=1.0, chunked_s=1.1, time=2048, vo
 
 def test_memory_target_report_verdicts():
     met = memory_target_report(_records(800.0, 200.0))
-    assert [row["verdict"] for row in met] == ["met", "not measured", "not measured"]
+    verdicts = [row["verdict"] for row in met]
+    assert verdicts == ["met", "not measured", "not measured"]
     assert met[0]["ratio"] == pytest.approx(4.0)
-    assert memory_target_report(_records(800.0, 201.0))[0]["verdict"] == "missed"
-    oom = memory_target_report(_records(None, 400.0, time=8192, vocab=128256, status="oom"))
-    assert oom[2]["verdict"] == "met"
-    assert oom[2]["ratio"] == math.inf
+    missed = memory_target_report(_records(800.0, 201.0))
+    assert missed[0]["verdict"] == "missed"
+
+
+def _skipped(status: str, **extra) -> list[dict]:
+    records = _records(None, 400.0, time=8192, vocab=128256, status=status)
+    for record in records:
+        if record["status"] != "ok":
+            record.update(estimate_bytes=12 * 2**30, **extra)
+    return records
+
+
+def test_memory_target_report_never_judges_an_estimate():
+    """An eager run skipped on its estimate gives no ratio and no verdict."""
+    records = _skipped(
+        "not_run", needed_bytes=13.5 * 2**30, budget_bytes=8 * 2**30
+    )
+    assert all(was_not_run(r) for r in records if r["status"] != "ok")
+    row = memory_target_report(records)[2]
+    assert row["verdict"] == "eager not run" and row["ratio"] is None
+    assert row["note"] == (
+        "eager not run (estimated 13.5 GiB > budget 8.0 GiB)"
+    )
+    # Older files: status "oom" with "not run" in the detail.
+    legacy = _skipped("oom", detail="estimated 13.5 GiB > 8.0 GiB; not run")
+    assert memory_target_report(legacy)[2]["verdict"] == "eager not run"
+    # An eager run that started and failed to allocate is no estimate.
+    ran = _skipped("oom", detail="can't allocate memory")
+    row = memory_target_report(ran)[2]
+    assert row["verdict"] == "eager out of memory" and row["ratio"] is None
+
+
+def test_not_run_text_names_the_estimate_and_the_budget():
+    record = {"status": "not_run", "estimate_bytes": 2**30}
+    assert not_run_text(record) == "not run (estimated 1.0 GiB > budget)"
+    record.update(needed_bytes=3 * 2**30, budget_bytes=2 * 2**30)
+    assert not_run_text(record) == (
+        "not run (estimated 3.0 GiB > budget 2.0 GiB)"
+    )
 
 
 def test_time_target_report_uses_faster_eager():
@@ -407,11 +445,20 @@ def _run_benchmark(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_benchmark_reports_estimated_oom_without_running(tmp_path):
-    completed = _run_benchmark("--quick", "--device", "cpu", "--memory-limit-gib", "0.5", "--results-dir", str(tmp_path))
+def test_benchmark_skips_what_its_estimate_says_cannot_fit(tmp_path):
+    completed = _run_benchmark(
+        "--quick", "--device", "cpu", "--memory-limit-gib", "0.5",
+        "--results-dir", str(tmp_path),
+    )
     assert completed.returncode == 0, completed.stderr
-    payload = json.loads((tmp_path / "loss_memory_cpu_quick.json").read_text())
-    assert {record["status"] for record in payload["results"]} == {"oom"}
+    payload = json.loads(
+        (tmp_path / "loss_memory_cpu_quick.json").read_text()
+    )
+    assert {record["status"] for record in payload["results"]} == {"not_run"}
+    for record in payload["results"]:
+        assert "peak_bytes" not in record  # an estimate, not a measurement
+        assert record["needed_bytes"] > record["budget_bytes"]
+        assert was_not_run(record)
     assert "[8/8]" in completed.stderr  # progress is shown on stderr
     assert (tmp_path / "loss_memory_cpu_quick.csv").read_text().startswith("variant,")
 
@@ -443,12 +490,17 @@ def test_plot_peak_memory_draws_one_line_per_variant_and_marks_oom():
     fig = plot_peak_memory(records)
     axes = fig.axes
     assert len(axes) == 2
+    assert fig.get_figwidth() == pytest.approx(6.3)
     assert axes[0].get_yscale() == "log" and axes[0].get_xscale() == "log"
-    assert "MiB" in axes[0].get_ylabel() and "tokens" in axes[0].get_xlabel()
+    assert axes[0].get_ylabel() == "peak RSS growth (MiB)"
+    assert "tokens" in axes[0].get_xlabel()
     drawn = [line for line in axes[1].get_lines() if line.get_marker() != "x"]
     assert len(drawn) == len(LOSS_VARIANTS)
-    legend = [text.get_text() for text in axes[0].get_legend().get_texts()]
-    assert len(legend) == len(LOSS_VARIANTS) + 1 and "out of memory" in legend[-1]
+    (legend,) = fig.legends  # below the panels, for both
+    texts = [text.get_text() for text in legend.get_texts()]
+    assert len(texts) == len(LOSS_VARIANTS) + 1
+    assert "out of memory" in texts[-1]
+    assert min(text.get_fontsize() for text in legend.get_texts()) >= 9
     crosses = [line for line in axes[0].get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
     assert len(crosses) == 1
 
@@ -456,7 +508,10 @@ def test_plot_peak_memory_draws_one_line_per_variant_and_marks_oom():
 def test_plot_live_memory_timeline_in_logits_units():
     from companion.plots.loss_memory import plot_live_memory_timeline
 
-    fig = plot_live_memory_timeline({"label_padding": [0, 100, 300, 100], "chunked_function": [0, 30]}, 100)
+    fig = plot_live_memory_timeline(
+        {"label_padding": [0, 100, 300, 100], "chunked_function": [0, 30]},
+        100,
+    )
     (ax,) = fig.axes
     assert max(ax.get_lines()[0].get_ydata()) == 3.0
     assert "logits" in ax.get_ylabel()
@@ -500,4 +555,47 @@ def test_peak_memory_axis_has_labelled_ticks_within_one_decade():
     ax = fig.axes[0]
     low, high = ax.get_ylim()
     labels = [tick.get_text() for tick in ax.get_yticklabels() if low <= tick.get_position()[1] <= high]
-    assert {"200", "500"} <= set(labels)
+    assert {"100", "200", "500"} <= set(labels)  # a tick below the data
+    assert min(t.get_fontsize() for t in ax.get_yticklabels()) >= 9
+
+
+def test_plot_live_memory_timeline_marks_passes_and_buffers():
+    from companion.plots.loss_memory import plot_live_memory_timeline
+
+    # Z; Z and A; A (forward ends); A and dL/dA; all three; G; G and grads.
+    eager = [100, 200, 100, 200, 300, 100, 110]
+    fig = plot_live_memory_timeline(
+        {"label_padding": eager, "chunked_function": [50, 60, 60]},
+        100,
+        backward_starts={"label_padding": 3, "chunked_function": 2},
+    )
+    (ax,) = fig.axes
+    assert fig.get_figwidth() == pytest.approx(6.3)
+    assert ax.get_title()
+    texts = {text.get_text() for text in ax.texts}
+    assert {"forward", "backward"} <= texts
+    assert {"Z", "Z, A", "A", "A, ∂L/∂A", "A, ∂L/∂A, G", "G"} <= texts
+    xs = ax.get_lines()[0].get_xdata()
+    assert max(xs[:3]) < 0.5 <= min(xs[3:])  # forward left, backward right
+
+
+def test_backward_scales_in_place_without_allocating():
+    """g != 1 costs no second (V, d) or (N, d) tensor."""
+    torch.manual_seed(8)
+    hidden = torch.randn(1, 64, 16, requires_grad=True)
+    weight = torch.randn(500, 16, requires_grad=True)
+    labels = torch.randint(0, 500, (1, 64))
+
+    def scaled(*args, **kwargs):
+        return -2.5 * chunked_causal_lm_loss(*args, **kwargs)
+
+    unit = measure_peak_tensor_bytes(
+        chunked_causal_lm_loss, hidden, weight, labels, chunk_size=16
+    )
+    unit_grads = hidden.grad.clone(), weight.grad.clone()
+    peak = measure_peak_tensor_bytes(
+        scaled, hidden, weight, labels, chunk_size=16
+    )
+    assert peak <= unit + 64  # a few scalars at most
+    torch.testing.assert_close(hidden.grad, -2.5 * unit_grads[0])
+    torch.testing.assert_close(weight.grad, -2.5 * unit_grads[1])
