@@ -205,6 +205,24 @@ def _flat_targets_and_denominator(
 # --------------------------------------------------------------------------
 
 
+def _reduced_cross_entropy(
+    flat_logits: torch.Tensor,
+    flat_targets: torch.Tensor,
+    num_items: float | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Mean over scored rows, or the sum divided by ``num_items``.
+
+    ``flat_logits``: ``(N, V)`` float; ``flat_targets``: ``(N,)`` int64.
+    """
+    if num_items is None:
+        return F.cross_entropy(flat_logits, flat_targets,
+                               ignore_index=ignore_index)
+    total = F.cross_entropy(flat_logits, flat_targets,
+                            ignore_index=ignore_index, reduction="sum")
+    return total / num_items
+
+
 def eager_shift_and_slice_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -230,17 +248,16 @@ def eager_shift_and_slice_loss(
     check_hidden_weight_labels(hidden, weight, labels, ignore_index)
     num_items = _check_num_items(num_items_in_batch)
     logits = hidden @ weight.T
-    vocab = logits.size(-1)
+    # sliced inline, not with companion.shapes.flatten_for_cross_entropy:
+    # T = 1 is valid here (no pair to score), and that helper rejects it
     shift_logits = logits[..., :-1, :].contiguous()
     shift_labels = labels[..., 1:].contiguous().long()
-    reduction = "mean" if num_items is None else "sum"
-    loss = F.cross_entropy(
-        shift_logits.view(-1, vocab),
+    return _reduced_cross_entropy(
+        shift_logits.view(-1, logits.size(-1)),
         shift_labels.view(-1).to(logits.device),
-        ignore_index=ignore_index,
-        reduction=reduction,
+        num_items,
+        ignore_index,
     )
-    return loss if num_items is None else loss / num_items
 
 
 def eager_label_padding_loss(
@@ -269,16 +286,13 @@ def eager_label_padding_loss(
     # ForCausalLMLoss upcasts, so half-precision logits are reduced in float32.
     compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
     logits = (hidden @ weight.T).to(compute_dtype)
-    vocab = logits.size(-1)
-    shift_labels = shift_labels_with_padding(labels, ignore_index)
-    reduction = "mean" if num_items is None else "sum"
-    loss = F.cross_entropy(
-        logits.view(-1, vocab),
-        shift_labels.view(-1).to(logits.device),
-        ignore_index=ignore_index,
-        reduction=reduction,
+    targets = shift_labels_with_padding(labels, ignore_index)
+    return _reduced_cross_entropy(
+        logits.view(-1, logits.size(-1)),
+        targets.view(-1).to(logits.device),
+        num_items,
+        ignore_index,
     )
-    return loss if num_items is None else loss / num_items
 
 
 # --------------------------------------------------------------------------
