@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -91,3 +92,41 @@ def require_positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1; got {value}")
     return value
+
+
+def require_rows_and_targets(
+    rows: Any, targets: Any, rows_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(rows as float64 (N, C), targets (N,))`` as NumPy arrays.
+
+    Raises ``ValueError`` naming ``rows_name`` (e.g. ``"logits"``) or
+    ``targets`` when the shapes do not fit.
+    """
+    x = np.asarray(rows, dtype=np.float64)
+    y = np.asarray(targets)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{rows_name} must be a 2-D array (N, C); got shape {x.shape}"
+        )
+    if y.shape != (x.shape[0],):
+        raise ValueError(
+            f"targets must have shape (N,) = ({x.shape[0]},); "
+            f"got shape {y.shape}"
+        )
+    return x, y
+
+
+def require_nonempty_lists(value: Sequence[Any], name: str, what: str) -> None:
+    """Raise ``ValueError`` unless every ``value[i]`` is a non-empty list.
+
+    ``what`` names the list's items, e.g. ``"row lengths"``.
+    """
+    for index, item in enumerate(value):
+        if (
+            isinstance(item, (str, bytes))
+            or not isinstance(item, Sequence)
+            or not item
+        ):
+            raise ValueError(
+                f"{name}[{index}] must be a non-empty list of {what}"
+            )

@@ -40,6 +40,7 @@ from torch import nn
 from companion import IGNORE_INDEX
 from companion._checks import (
     require_integer,
+    require_nonempty_lists,
     require_labels_in_range,
     require_positive_int,
     require_rank,
@@ -730,16 +731,9 @@ def data_parallel_accumulation_step(
             "micro-batch sizes per rank; "
             f"got {type(rank_micro_batch_rows).__name__}"
         )
-    for rank, sizes in enumerate(rank_micro_batch_rows):
-        if (
-            isinstance(sizes, (str, bytes))
-            or not isinstance(sizes, Sequence)
-            or not sizes
-        ):
-            raise ValueError(
-                f"rank_micro_batch_rows[{rank}] must be a non-empty list of "
-                "micro-batch sizes"
-            )
+    require_nonempty_lists(
+        rank_micro_batch_rows, "rank_micro_batch_rows", "micro-batch sizes"
+    )
     ranks = len(rank_micro_batch_rows)
     if ranks == 0:
         raise ValueError("rank_micro_batch_rows must describe at least 1 rank")

@@ -50,6 +50,7 @@ from companion._checks import (
     require_labels_in_range,
     require_leading_dims,
     require_rank,
+    require_rows_and_targets,
     require_tensor,
 )
 
@@ -555,17 +556,7 @@ def reference_label_smoothed_cross_entropy(
         A float (``nan`` for ``"mean"`` when every row is ignored), or an
         ``(N,)`` array.
     """
-    x = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(targets)
-    if x.ndim != 2:
-        raise ValueError(
-            f"logits must be a 2-D array (N, C); got shape {x.shape}"
-        )
-    if y.shape != (x.shape[0],):
-        raise ValueError(
-            f"targets must have shape (N,) = ({x.shape[0]},); "
-            f"got shape {y.shape}"
-        )
+    x, y = require_rows_and_targets(logits, targets, "logits")
     _check_reduction(reduction)
     eps = _check_label_smoothing(label_smoothing)
     n_rows, n_classes = x.shape

@@ -53,7 +53,7 @@ import torch.multiprocessing as torch_mp
 from torch.nn.parallel import DistributedDataParallel
 
 from companion import reference
-from companion._checks import require_positive_int
+from companion._checks import require_nonempty_lists, require_positive_int
 from companion.accumulation import (
     TinyLMConfig,
     build_tiny_lm,
@@ -172,16 +172,8 @@ def _check_shards(
             "shard(s): give exactly one list of row lengths per rank"
         )
     shards = []
+    require_nonempty_lists(shard_lengths, "shard_lengths", "row lengths")
     for rank, lengths in enumerate(shard_lengths):
-        if (
-            isinstance(lengths, (str, bytes))
-            or not isinstance(lengths, Sequence)
-            or not lengths
-        ):
-            raise ValueError(
-                f"shard_lengths[{rank}] must be a non-empty list of "
-                "row lengths"
-            )
         for index, length in enumerate(lengths):
             require_positive_int(length, f"shard_lengths[{rank}][{index}]")
         shards.append([int(length) for length in lengths])

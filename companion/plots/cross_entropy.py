@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from companion import IGNORE_INDEX
+from companion._checks import require_rows_and_targets
 from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
 
 #: Font sizes in points, for a figure shown at the text width.
@@ -89,17 +90,7 @@ def plot_gradient_rows(grad: ArrayLike, targets: ArrayLike,
         A diverging heat map (negative = the logit should grow), the target
         cell of each row outlined, ignored rows labelled as such.
     """
-    g = np.asarray(grad, dtype=np.float64)
-    y = np.asarray(targets)
-    if g.ndim != 2:
-        raise ValueError(
-            f"grad must be a 2-D array (N, C); got shape {g.shape}"
-        )
-    if y.shape != (g.shape[0],):
-        raise ValueError(
-            f"targets must have shape (N,) = ({g.shape[0]},); "
-            f"got shape {y.shape}"
-        )
+    g, y = require_rows_and_targets(grad, targets, "grad")
     num_rows, num_classes = g.shape
     fig, ax = new_figure(width=TEXT_WIDTH_IN, height=0.42 * num_rows + 1.5)
     limit = float(np.abs(g).max()) or 1.0
