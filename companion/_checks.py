@@ -4,10 +4,26 @@ Every public function validates its inputs here before any framework code
 runs, so a mistake surfaces as ``ValueError``/``TypeError`` saying which
 argument is wrong and what was expected, not as a traceback from deep inside
 PyTorch or TensorFlow.
+
+The rules, the same in every entry point:
+
+* class indices (``labels``, ``targets``, ``input_ids``) may have any
+  integer dtype (``int8`` to ``int64``, ``uint8`` to ``uint64``); they are
+  converted to ``int64`` (:func:`require_class_indices`) before any torch op,
+  so padding with ``-100`` and ``cross_entropy`` work whatever the dtype.
+  ``bool``, floating and complex tensors are rejected with ``TypeError``;
+* ``ignore_index`` (and other integer options) must be an ``int`` (a NumPy
+  integer is accepted); ``bool``, ``float`` and ``None`` raise ``TypeError``;
+* a scored class axis has ``V >= 1`` classes, and a batch is never empty
+  (``B >= 1`` sequences, ``T >= 1`` positions, ``N >= 1`` rows);
+* ``num_items_in_batch`` is ``None``, an ``int >= 1`` or a 0-D integer
+  tensor holding a value ``>= 1``: floats and float tensors raise
+  ``TypeError``, ``0`` and negative counts ``ValueError``.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +56,39 @@ def require_floating(tensor: torch.Tensor, name: str) -> None:
 
 
 def require_integer(tensor: torch.Tensor, name: str) -> None:
-    """Raise ``TypeError`` unless ``tensor`` holds integers (class indices)."""
+    """Raise ``TypeError`` unless ``tensor`` holds integers (class indices).
+
+    Every integer dtype is accepted (``int8`` to ``int64``, ``uint8`` to
+    ``uint64``); ``bool``, floating and complex dtypes are not.
+    """
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(
-            f"{name} must hold integer class indices (e.g. torch.long); got {tensor.dtype}"
+            f"{name} must hold integer class indices (any integer dtype, "
+            f"e.g. torch.long); got {tensor.dtype}"
+        )
+
+
+def require_class_indices(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` as ``int64`` after :func:`require_integer`.
+
+    PyTorch's losses take ``int64`` targets only, and a ``uint8`` tensor
+    cannot hold ``-100``; converting first makes every integer dtype work.
+    An ``int64`` tensor is returned as it is (no copy).
+    """
+    require_integer(tensor, name)
+    return tensor.long()
+
+
+def require_no_empty_dim(tensor: torch.Tensor, name: str, layout: str) -> None:
+    """Raise ``ValueError`` if a dimension of ``tensor`` has size 0.
+
+    ``layout`` names the dimensions, e.g. ``"(B, T, V)"``.
+    """
+    if 0 in tuple(tensor.shape):
+        raise ValueError(
+            f"{name} {layout} must have no empty dimension "
+            f"(an empty batch or a vocabulary of 0 classes); "
+            f"got shape {tuple(tensor.shape)}"
         )
 
 
@@ -72,6 +117,7 @@ def require_labels_in_range(
     """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``."""
     if labels.numel() == 0:
         return
+    labels = labels.long()
     valid = labels != ignore_index
     if not bool(valid.any()):
         return
@@ -85,13 +131,79 @@ def require_labels_in_range(
         )
 
 
+def require_int(value: Any, name: str) -> int:
+    """Return ``value`` as an ``int``; raise ``TypeError`` unless it is one.
+
+    A Python ``int`` or a NumPy integer is accepted; ``bool`` (an ``int``
+    subclass), ``float`` (even ``-100.0``), ``None`` and tensors are not.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, np.integer)
+    ):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    return int(value)
+
+
+def require_ignore_index(value: Any, name: str = "ignore_index") -> int:
+    """Return ``ignore_index`` as an ``int`` (:func:`require_int`)."""
+    return require_int(value, name)
+
+
 def require_positive_int(value: Any, name: str) -> int:
     """Return ``value`` if it is an ``int`` >= 1, else raise ``ValueError``/``TypeError``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    value = require_int(value, name)
     if value < 1:
         raise ValueError(f"{name} must be >= 1; got {value}")
     return value
+
+
+def require_real_number(value: Any, name: str) -> float:
+    """Return ``value`` as a ``float`` if it is a real number, else ``TypeError``.
+
+    Python and NumPy numbers are accepted, ``bool`` and strings are not.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    return float(value)
+
+
+def require_num_items(
+    value: Any, name: str = "num_items_in_batch"
+) -> int | torch.Tensor | None:
+    """Validate ``num_items_in_batch``: the shared denominator of a summed loss.
+
+    Accepted: ``None``; an ``int >= 1`` (or NumPy integer), returned as an
+    ``int``; a 0-D tensor of an integer dtype holding a value ``>= 1``,
+    returned as it is (transformers passes a tensor).
+
+    Raises:
+        TypeError: a ``float`` (even ``2.0``), ``bool``, a floating, complex
+            or ``bool`` tensor, or any other type.
+        ValueError: a tensor that is not 0-D, or a count ``< 1``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(
+                f"{name} must be a 0-D tensor (a single count); "
+                f"got shape {tuple(value.shape)}"
+            )
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must hold integer values (a count of scored "
+                f"tokens); got {value.dtype}"
+            )
+        count = int(value)
+        if count < 1:
+            raise ValueError(f"{name} must be >= 1; got {count}")
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{name} must be an int >= 1, a 0-D integer tensor or None; "
+            f"got {type(value).__name__}"
+        )
+    return require_positive_int(value, name)
 
 
 def require_rows_and_targets(
@@ -100,10 +212,21 @@ def require_rows_and_targets(
     """Return ``(rows as float64 (N, C), targets (N,))`` as NumPy arrays.
 
     Raises ``ValueError`` naming ``rows_name`` (e.g. ``"logits"``) or
-    ``targets`` when the shapes do not fit.
+    ``targets`` when the shapes do not fit, ``TypeError`` when ``rows`` do
+    not hold real numbers or ``targets`` not integers (any integer dtype).
     """
-    x = np.asarray(rows, dtype=np.float64)
+    try:
+        x = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{rows_name} must be a 2-D array of real numbers (N, C); "
+            f"got {type(rows).__name__}"
+        ) from error
     y = np.asarray(targets)
+    if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(
+            f"targets must hold integer class indices; got dtype {y.dtype}"
+        )
     if x.ndim != 2:
         raise ValueError(
             f"{rows_name} must be a 2-D array (N, C); got shape {x.shape}"

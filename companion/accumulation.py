@@ -39,11 +39,15 @@ from torch import nn
 
 from companion import IGNORE_INDEX
 from companion._checks import (
+    require_class_indices,
+    require_floating,
+    require_int,
     require_integer,
     require_nonempty_lists,
     require_labels_in_range,
     require_positive_int,
     require_rank,
+    require_real_number,
     require_tensor,
 )
 from companion.shapes import check_logits_and_labels, flatten_for_cross_entropy
@@ -91,13 +95,16 @@ def _check_sums_and_counts(
         raise ValueError(
             "sums and counts must describe at least one group; got none"
         )
-    float_sums = [float(s) for s in sums]
+    float_sums = []
+    for index, value in enumerate(sums):
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            require_floating(value, f"sums[{index}]")
+            float_sums.append(float(value))
+        else:
+            float_sums.append(require_real_number(value, f"sums[{index}]"))
     int_counts = []
     for index, count in enumerate(counts):
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(
-                f"counts[{index}] must be an int; got {type(count).__name__}"
-            )
+        count = require_int(count, f"counts[{index}]")
         if count < 0:
             raise ValueError(f"counts[{index}] must be >= 0; got {count}")
         int_counts.append(count)
@@ -157,7 +164,19 @@ def mean_of_means(
     if weights is None:
         group_weights = [1.0] * len(int_counts)
     else:
-        group_weights = [float(w) for w in weights]
+        if isinstance(weights, (str, bytes)) or not isinstance(
+            weights, Sequence
+        ):
+            raise TypeError(
+                "weights must be a sequence of floats; "
+                f"got {type(weights).__name__}"
+            )
+        group_weights = [
+            require_real_number(w, f"weights[{index}]")
+            for index, w in enumerate(weights)
+        ]
+        if not all(math.isfinite(w) for w in group_weights):
+            raise ValueError(f"weights must be finite; got {group_weights}")
         if len(group_weights) != len(int_counts):
             raise ValueError(
                 f"weights must have one entry per group ({len(int_counts)}); "
@@ -187,6 +206,12 @@ def token_weight_factors(counts: Sequence[int]) -> list[float]:
     Returns:
         ``(K,)`` factors; ``sum_k n_k * factor_k == N``.
     """
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise TypeError(
+            f"counts must be a sequence of ints; got {type(counts).__name__}"
+        )
+    if len(counts) == 0:
+        raise ValueError("counts must describe at least one group; got none")
     _, int_counts = _check_sums_and_counts([0.0] * len(counts), counts)
     for index, count in enumerate(int_counts):
         if count == 0:
@@ -215,24 +240,26 @@ def count_scored_tokens(labels: torch.Tensor) -> int:
     row is never a target: the count is ``(labels[:, 1:] != -100).sum()``.
 
     Args:
-        labels: ``(B, T)`` int, ``-100`` = ignored.
+        labels: ``(B, T)`` of any integer dtype, ``-100`` = ignored.
     """
     _check_labels(labels)
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels[:, 1:].long() != IGNORE_INDEX).sum())
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of a batch (no division).
 
     Args:
-        logits: ``(B, T, V)`` float.
-        labels: ``(B, T)`` int, ``-100`` = ignored.
+        logits: ``(B, T, V)`` float, ``T >= 2``.
+        labels: ``(B, T)`` of any integer dtype (converted to int64),
+            ``-100`` = ignored.
 
     Returns:
         A 0-d tensor of ``logits``' dtype, differentiable, ``0`` (still
         attached to the graph) when no position is scored.
     """
     _, _, vocab = check_logits_and_labels(logits, labels)
+    labels = require_class_indices(labels, "labels")
     require_labels_in_range(labels, vocab, IGNORE_INDEX, "labels")
     flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
     return F.cross_entropy(
@@ -244,14 +271,16 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss of every position, ``0`` where the target is ignored.
 
     Args:
-        logits: ``(B, T, V)`` float.
-        labels: ``(B, T)`` int, ``-100`` = ignored.
+        logits: ``(B, T, V)`` float, ``T >= 2``.
+        labels: ``(B, T)`` of any integer dtype (converted to int64),
+            ``-100`` = ignored.
 
     Returns:
         ``(B, T-1)`` in ``logits``' dtype: entry ``[b, t]`` is
         ``-log p(labels[b, t+1] | tokens <= t)``.
     """
     batch, time, vocab = check_logits_and_labels(logits, labels)
+    labels = require_class_indices(labels, "labels")
     require_labels_in_range(labels, vocab, IGNORE_INDEX, "labels")
     flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
     per_position = F.cross_entropy(
@@ -319,10 +348,22 @@ class TinyCausalLM(nn.Module):
         self.lm_head = nn.Linear(hidden, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` for ``input_ids: (B, T)`` int in ``[0, V)``."""
+        """Logits ``(B, T, V)`` for ``input_ids: (B, T)`` in ``[0, V)``.
+
+        ``input_ids`` may have any integer dtype; it is converted to int64.
+        """
         require_tensor(input_ids, "input_ids")
         require_rank(input_ids, 2, "input_ids", "(B, T)")
-        require_integer(input_ids, "input_ids")
+        input_ids = require_class_indices(input_ids, "input_ids")
+        if input_ids.numel() and (
+            int(input_ids.min()) < 0
+            or int(input_ids.max()) >= self.config.vocab_size
+        ):
+            raise ValueError(
+                "input_ids must lie in [0, config.vocab_size="
+                f"{self.config.vocab_size}); got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
         batch, time = input_ids.shape
         if time > self.config.max_length:
             raise ValueError(
@@ -408,6 +449,7 @@ def make_counting_batch(
     for index, length in enumerate(lengths):
         require_positive_int(length, f"lengths[{index}]")
     require_positive_int(vocab_size, "vocab_size")
+    require_int(seed, "seed")
     if vocab_size < 3:
         raise ValueError(
             "vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); "
@@ -453,9 +495,19 @@ def warm_up(
     ``2 .. longest_row`` with ``seed``) make the first target of a row hard
     and the others easy.
     """
+    if not isinstance(model, TinyCausalLM):
+        raise TypeError(
+            f"model must be a TinyCausalLM; got {type(model).__name__}"
+        )
     require_positive_int(steps, "steps")
     require_positive_int(rows, "rows")
     require_positive_int(longest_row, "longest_row")
+    require_int(seed, "seed")
+    rate = require_real_number(learning_rate, "learning_rate")
+    if not (math.isfinite(rate) and rate >= 0):
+        raise ValueError(
+            f"learning_rate must be finite and >= 0; got {learning_rate}"
+        )
     config = model.config
     if not 2 <= longest_row <= config.max_length:
         raise ValueError(
@@ -547,6 +599,14 @@ def _check_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         )
 
 
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "model must be a torch.nn.Module mapping input_ids (B, T) to "
+            f"logits (B, T, V); got {type(model).__name__}"
+        )
+
+
 def _require_scored_tokens(labels: torch.Tensor) -> int:
     total = count_scored_tokens(labels)
     if total == 0:
@@ -570,6 +630,7 @@ def full_batch_step(
     Raises:
         ValueError: no scored token in the batch.
     """
+    _check_model(model)
     _check_batch(input_ids, labels)
     total = _require_scored_tokens(labels)
     model.zero_grad(set_to_none=True)
@@ -644,6 +705,7 @@ def accumulation_step(
         ValueError: no scored token in the batch; for ``"mean_of_means"``, a
             micro-batch without a scored token (its own mean is 0/0).
     """
+    _check_model(model)
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {REDUCTIONS}; got {reduction!r}"
@@ -719,6 +781,7 @@ def data_parallel_accumulation_step(
         ValueError: no scored token in the batch; for ``"per_rank"``, a rank
             without a scored token (its own count is 0).
     """
+    _check_model(model)
     if count not in ("global", "per_rank"):
         raise ValueError(
             f"count must be 'global' or 'per_rank'; got {count!r}"
@@ -777,6 +840,8 @@ def relative_difference(
     """``||result - reference|| / ||reference||`` (Euclidean norms)."""
     require_tensor(result, "result")
     require_tensor(reference, "reference")
+    require_floating(result, "result")
+    require_floating(reference, "reference")
     if result.shape != reference.shape:
         raise ValueError(
             "result must have the shape of reference "
@@ -814,10 +879,20 @@ def naive_error_by_imbalance(
         ``naive_gradient_error`` (relative), and ``fixed_loss_error`` and
         ``fixed_gradient_error`` (relative, rounding only).
     """
+    _check_model(model)
     require_positive_int(short_tokens, "short_tokens")
+    require_int(seed, "seed")
+    if isinstance(token_ratios, (str, bytes)) or not isinstance(
+        token_ratios, Sequence
+    ):
+        raise TypeError(
+            "token_ratios must be a sequence of ints; "
+            f"got {type(token_ratios).__name__}"
+        )
+    for index, ratio in enumerate(token_ratios):
+        require_positive_int(ratio, f"token_ratios[{index}]")
     rows = []
     for ratio in token_ratios:
-        require_positive_int(ratio, "token_ratios[i]")
         lengths = [short_tokens + 1, ratio * short_tokens + 1]
         input_ids, labels = make_counting_batch(
             lengths, vocab_size=vocab_size, seed=seed + ratio

@@ -17,6 +17,22 @@ average ``-log softmax`` over the pairs whose label is not ``ignore_index``:
 
 The first two give the same number for every input; the third agrees with
 them exactly when every padded target position is already ``ignore_index``.
+
+Rules shared by every loss here and by the chunked formulations of
+:mod:`companion.chunked_loss`:
+
+* ``labels`` may have any integer dtype (``int8`` to ``int64``, ``uint8`` to
+  ``uint64``) and is converted to ``int64`` first; ``bool``, float and
+  complex labels raise ``TypeError``;
+* half-precision logits (``float16``, ``bfloat16``) are upcast to float32
+  before the reduction, as transformers' ``ForCausalLMLoss`` does, so the
+  loss is float32; float32 and float64 logits keep their dtype;
+* ``T = 1`` is valid and has no next-token pair: the mean over no pair is
+  ``nan`` (with a zero gradient), as PyTorch and transformers report it,
+  and ``sum / num_items_in_batch`` is 0;
+* an empty batch (``B = 0``) or vocabulary (``V = 0``) raises ``ValueError``;
+* ``num_items_in_batch`` is ``None``, an ``int >= 1`` or a 0-D integer
+  tensor ``>= 1`` (see :func:`companion._checks.require_num_items`).
 """
 
 from __future__ import annotations
@@ -26,48 +42,56 @@ from torch import nn
 
 from companion import IGNORE_INDEX
 from companion._checks import (
-    require_integer,
+    require_class_indices,
+    require_ignore_index,
     require_labels_in_range,
     require_leading_dims,
-    require_positive_int,
+    require_num_items,
     require_rank,
     require_tensor,
 )
 from companion.shapes import check_logits_and_labels, flatten_for_cross_entropy
 
-
-def _check_ignore_index(ignore_index: int) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(
-            "ignore_index must be an int; "
-            f"got {type(ignore_index).__name__}"
-        )
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""Logit dtypes every loss here upcasts to float32 before reducing."""
 
 
 def _check_loss_inputs(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
-) -> int:
-    """Validate a ``(B, T, V)`` / ``(B, T)`` pair and return ``V``."""
-    _check_ignore_index(ignore_index)
-    _, _, vocab = check_logits_and_labels(logits, labels)
+) -> torch.Tensor:
+    """Validate a ``(B, T, V)`` / ``(B, T)`` pair; return ``labels`` as int64.
+
+    ``T = 1`` passes: a sequence of one token has no next-token pair, and
+    each loss then returns the mean over no pair, ``nan``.
+    """
+    require_ignore_index(ignore_index)
+    _, _, vocab = check_logits_and_labels(logits, labels, min_time=1)
+    labels = require_class_indices(labels, "labels")
     require_labels_in_range(labels, vocab, ignore_index, "labels")
-    return vocab
+    return labels
 
 
-def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
+def _check_num_items(
+    num_items_in_batch: int | torch.Tensor | None,
+) -> int | torch.Tensor | None:
     """Accept ``None``, an ``int >= 1`` or a 0-D integer tensor holding one."""
-    if num_items_in_batch is None:
-        return
-    if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.dim() != 0:
-            raise ValueError(
-                "num_items_in_batch must be a 0-D tensor (a single count); "
-                f"got shape {tuple(num_items_in_batch.shape)}"
-            )
-        require_integer(num_items_in_batch, "num_items_in_batch")
-        require_positive_int(int(num_items_in_batch), "num_items_in_batch")
-        return
-    require_positive_int(num_items_in_batch, "num_items_in_batch")
+    return require_num_items(num_items_in_batch, "num_items_in_batch")
+
+
+def _upcast_half(logits: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 logits as float32; other dtypes unchanged."""
+    return logits.float() if logits.dtype in HALF_DTYPES else logits
+
+
+def _no_pair_loss(logits: torch.Tensor) -> torch.Tensor:
+    """The mean over no pair (``T = 1``): ``nan``, attached to ``logits``.
+
+    ``cross_entropy`` of zero rows, exactly what the shifted slices of a
+    ``T = 1`` batch give in PyTorch and transformers; its gradient is 0.
+    """
+    no_rows = logits[:, :0].reshape(0, logits.size(-1))
+    no_labels = torch.zeros(0, dtype=torch.long, device=logits.device)
+    return nn.functional.cross_entropy(no_rows, no_labels)
 
 
 def count_scored_targets(
@@ -76,17 +100,18 @@ def count_scored_targets(
     """Number of next-token targets that enter the loss.
 
     Args:
-        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
-        ignore_index: label value that is skipped.
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
+        ignore_index: label value that is skipped (an ``int``).
 
     Returns:
         The count of ``labels[:, 1:] != ignore_index``: label ``0`` of a row
         is never a target, because no position precedes it.  This is the
         ``num_items_in_batch`` of a batch.
     """
+    ignore_index = require_ignore_index(ignore_index)
     require_tensor(labels, "labels")
     require_rank(labels, 2, "labels", "(B, T)")
-    require_integer(labels, "labels")
+    labels = require_class_indices(labels, "labels")
     return int((labels[:, 1:] != ignore_index).sum())
 
 
@@ -99,16 +124,23 @@ def shift_and_slice_loss(
     """The loss as LLaVA's source wrote it: slice, flatten, cross-entropy.
 
     Args:
-        logits: ``(B, T, V)`` float, scores before softmax.
-        labels: ``(B, T)`` int in ``[0, V)``, ``ignore_index`` (default
-            ``-100``) = ignored.
-        ignore_index: label value that contributes nothing.
+        logits: ``(B, T, V)`` float, scores before softmax.  Half precision
+            is upcast to float32 (LLaVA's own code reduced in half
+            precision; every loss of the package follows transformers).
+        labels: ``(B, T)`` of any integer dtype, in ``[0, V)``,
+            ``ignore_index`` (default ``-100``) = ignored.
+        ignore_index: label value that contributes nothing (an ``int``).
 
     Returns:
-        0-D tensor of ``logits``' dtype: the mean of ``-log p(labels[b, t+1])``
-        over the ``B*(T-1)`` pairs whose label is kept; ``nan`` if none is.
+        0-D tensor, float32 for half-precision ``logits``, else of
+        ``logits``' dtype: the mean of ``-log p(labels[b, t+1])`` over the
+        ``B*(T-1)`` pairs whose label is kept; ``nan`` if none is (for
+        ``T = 1`` there is no pair at all).
     """
-    _check_loss_inputs(logits, labels, ignore_index)
+    labels = _check_loss_inputs(logits, labels, ignore_index)
+    logits = _upcast_half(logits)
+    if logits.size(1) == 1:
+        return _no_pair_loss(logits)
     flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
     loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
     return loss(flat_logits, flat_labels)
@@ -132,20 +164,23 @@ def label_padding_loss(
         logits: ``(B, T, V)`` float.  Half precision is upcast to float32
             as transformers does; float64 stays float64 (transformers'
             ``.float()`` casts every dtype to float32, float64 included).
-        labels: ``(B, T)`` int in ``[0, V)``, ``ignore_index`` = ignored.
+        labels: ``(B, T)`` of any integer dtype, in ``[0, V)``,
+            ``ignore_index`` = ignored.
         num_items_in_batch: ``None`` for the mean over kept pairs; else an
-            ``int >= 1`` (or 0-D integer tensor): the summed loss is divided
-            by it, so micro-batches can share one denominator.
-        ignore_index: label value that contributes nothing.
+            ``int >= 1`` or a 0-D integer tensor ``>= 1`` (floats are
+            rejected): the summed loss is divided by it, so micro-batches
+            can share one denominator.
+        ignore_index: label value that contributes nothing (an ``int``).
 
     Returns:
         0-D float tensor: ``sum / num_items_in_batch``, or the mean over kept
-        pairs (``nan`` when no pair is kept).
+        pairs (``nan`` when no pair is kept, e.g. for ``T = 1``).
     """
-    vocab = _check_loss_inputs(logits, labels, ignore_index)
+    labels = _check_loss_inputs(logits, labels, ignore_index)
     _check_num_items(num_items_in_batch)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    vocab = logits.size(-1)
     padded_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
     shift_labels = padded_labels[..., 1:].contiguous()
     flat_logits = logits.reshape(-1, vocab)
@@ -161,6 +196,27 @@ def label_padding_loss(
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def _check_attention_mask(
+    attention_mask: torch.Tensor, batch: int, time: int
+) -> None:
+    """``attention_mask``: a ``(B, T')`` int or bool tensor, ``T' >= T - 1``."""
+    require_tensor(attention_mask, "attention_mask")
+    require_rank(attention_mask, 2, "attention_mask", "(B, T')")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(
+            "attention_mask must hold integers or booleans (0 = padding); "
+            f"got {attention_mask.dtype}"
+        )
+    require_leading_dims(
+        attention_mask, (batch,), "attention_mask", "logits", "(B, T')"
+    )
+    if attention_mask.shape[1] < time - 1:
+        raise ValueError(
+            f"attention_mask must have at least T-1={time - 1} columns "
+            f"(B, T'); got shape {tuple(attention_mask.shape)}"
+        )
 
 
 def attention_mask_filter_loss(
@@ -179,36 +235,27 @@ def attention_mask_filter_loss(
     :func:`shift_and_slice_loss`.
 
     Args:
-        logits: ``(B, T, V)`` float.
-        labels: ``(B, T)`` int in ``[0, V)``, ``ignore_index`` = ignored.
+        logits: ``(B, T, V)`` float; half precision is upcast to float32.
+        labels: ``(B, T)`` of any integer dtype, in ``[0, V)``,
+            ``ignore_index`` = ignored.
         attention_mask: ``(B, T')`` int or bool with ``T' >= T - 1``,
             ``0`` = padding; or ``None``.
-        ignore_index: label value that contributes nothing.
+        ignore_index: label value that contributes nothing (an ``int``).
 
     Returns:
-        0-D tensor: the mean over pairs that are attended *and* not ignored;
-        ``nan`` when there are none.
+        0-D tensor (float32 for half-precision ``logits``): the mean over
+        pairs that are attended *and* not ignored; ``nan`` when there are
+        none (always for ``T = 1``).
     """
-    _check_loss_inputs(logits, labels, ignore_index)
+    labels = _check_loss_inputs(logits, labels, ignore_index)
     if attention_mask is None:
         return shift_and_slice_loss(logits, labels, ignore_index=ignore_index)
-    require_tensor(attention_mask, "attention_mask")
-    require_rank(attention_mask, 2, "attention_mask", "(B, T')")
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise TypeError(
-            "attention_mask must hold integers or booleans (0 = padding); "
-            f"got {attention_mask.dtype}"
-        )
     batch, time, vocab = logits.shape
-    require_leading_dims(
-        attention_mask, (batch,), "attention_mask", "logits", "(B, T')"
-    )
-    if attention_mask.shape[1] < time - 1:
-        raise ValueError(
-            f"attention_mask must have at least T-1={time - 1} columns "
-            f"(B, T'); got shape {tuple(attention_mask.shape)}"
-        )
-    target_mask = attention_mask[:, -(time - 1) :].to(logits.device) != 0
+    _check_attention_mask(attention_mask, batch, time)
+    logits = _upcast_half(logits)
+    # the last T - 1 columns; not [:, -(T - 1):], which keeps all for T = 1
+    first_target = attention_mask.shape[1] - (time - 1)
+    target_mask = attention_mask[:, first_target:].to(logits.device) != 0
     kept_logits = logits[..., :-1, :][target_mask].contiguous()
     kept_labels = labels[..., 1:][target_mask.to(labels.device)].contiguous()
     loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
@@ -231,16 +278,17 @@ def unshifted_token_loss(
     ``labels`` and its loss pairs equal positions.
 
     Args:
-        logits: ``(B, T, V)`` float.
-        labels: ``(B, T)`` int in ``[0, V)``, ``ignore_index`` = ignored.
-        ignore_index: label value that contributes nothing.
+        logits: ``(B, T, V)`` float; half precision is upcast to float32.
+        labels: ``(B, T)`` of any integer dtype, in ``[0, V)``,
+            ``ignore_index`` = ignored.
+        ignore_index: label value that contributes nothing (an ``int``).
 
     Returns:
         0-D tensor: mean over kept positions (``nan`` when none is kept).
     """
-    _check_ignore_index(ignore_index)
-    _, _, vocab = check_logits_and_labels(logits, labels, min_time=1)
-    require_labels_in_range(labels, vocab, ignore_index, "labels")
+    labels = _check_loss_inputs(logits, labels, ignore_index)
+    logits = _upcast_half(logits)
+    vocab = logits.size(-1)
     return nn.functional.cross_entropy(
         logits.reshape(-1, vocab), labels.reshape(-1),
         ignore_index=ignore_index,

@@ -12,9 +12,10 @@ when given, else by the number of scored positions), from the final hidden
 states and the output projection, a chunk of positions at a time:
 
 * :func:`chunked_causal_lm_loss` uses :class:`ChunkedLinearCrossEntropy`, a
-  ``torch.autograd.Function`` whose forward pass also computes both
-  gradients, chunk by chunk, so that only one ``(chunk_size, V)`` block of
-  logits ever exists;
+  ``torch.autograd.Function`` whose forward pass also computes the
+  gradients (of the inputs that require grad, and none under
+  ``torch.no_grad()``), chunk by chunk, so that only one
+  ``(chunk_size, V)`` block of logits ever exists;
 * :func:`checkpointed_chunked_loss` gets a similar saving from plain
   autograd and activation checkpointing, at the price of a second forward
   pass per chunk;
@@ -47,9 +48,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from companion import IGNORE_INDEX
 from companion._checks import (
     require_floating,
+    require_ignore_index,
     require_integer,
     require_labels_in_range,
     require_leading_dims,
+    require_num_items,
     require_positive_int,
     require_rank,
     require_tensor,
@@ -81,18 +84,21 @@ def check_hidden_weight_labels(
         hidden: ``(B, T, d)`` float, the final hidden states.
         weight: ``(V, d)`` float, the output projection
             (``lm_head.weight``), same dtype and device as ``hidden``.
-        labels: ``(B, T)`` int token ids, ``ignore_index`` = ignored.
-        ignore_index: label value that is not scored.
+        labels: ``(B, T)`` token ids of any integer dtype (``int8`` to
+            ``int64``, ``uint8`` to ``uint64``; the losses convert them to
+            int64), ``ignore_index`` = ignored.
+        ignore_index: label value that is not scored, an ``int``.
 
     Raises:
         TypeError: a non-tensor argument, non-float ``hidden``/``weight``,
-            ``hidden`` and ``weight`` of different dtypes, or non-integer
-            ``labels``.
+            ``hidden`` and ``weight`` of different dtypes, non-integer
+            ``labels``, or an ``ignore_index`` that is not an ``int``.
         ValueError: wrong ranks, an empty dimension, ``weight``'s ``d``
             not matching ``hidden``'s, ``labels`` not ``(B, T)``, the two
             float tensors on different devices, or a label outside
             ``[0, V)``.
     """
+    require_ignore_index(ignore_index)
     require_tensor(hidden, "hidden")
     require_tensor(weight, "weight")
     require_tensor(labels, "labels")
@@ -135,28 +141,14 @@ def check_hidden_weight_labels(
 
 
 def _check_num_items(num_items_in_batch: NumItems) -> float | None:
-    """Return ``num_items_in_batch`` as a positive float, or ``None``."""
-    if num_items_in_batch is None:
-        return None
-    if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(
-                "num_items_in_batch must be a single number; got a tensor "
-                f"of shape {tuple(num_items_in_batch.shape)}"
-            )
-        value = float(num_items_in_batch.item())
-    elif isinstance(num_items_in_batch, int) and not isinstance(
-        num_items_in_batch, bool
-    ):
-        value = float(num_items_in_batch)
-    else:
-        raise TypeError(
-            "num_items_in_batch must be an int, a one-element tensor or "
-            f"None; got {type(num_items_in_batch).__name__}"
-        )
-    if not value > 0:
-        raise ValueError(f"num_items_in_batch must be > 0; got {value:g}")
-    return value
+    """Return ``num_items_in_batch`` as a positive float, or ``None``.
+
+    The accepted forms are those of ``label_padding_loss``, from the same
+    check (:func:`companion._checks.require_num_items`): ``None``, an
+    ``int >= 1`` or a 0-D integer tensor ``>= 1``.
+    """
+    value = require_num_items(num_items_in_batch, "num_items_in_batch")
+    return None if value is None else float(value)
 
 
 def shift_labels_with_padding(
@@ -168,11 +160,13 @@ def shift_labels_with_padding(
     has no next token, so it gets ``ignore_index``.
 
     Args:
-        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
+        ignore_index: the value padded in, an ``int``.
 
     Returns:
         ``(B, T)`` int64.
     """
+    ignore_index = require_ignore_index(ignore_index)
     require_tensor(labels, "labels")
     require_rank(labels, 2, "labels", "(B, T)")
     require_integer(labels, "labels")
@@ -236,18 +230,22 @@ def eager_shift_and_slice_loss(
     Args:
         hidden: ``(B, T, d)`` float.
         weight: ``(V, d)`` float.
-        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
-        num_items_in_batch: divide the summed loss by this instead of taking
-            the mean over scored positions.
-        ignore_index: label value that is not scored.
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
+        num_items_in_batch: divide the summed loss by this (an ``int >= 1``
+            or a 0-D integer tensor ``>= 1``) instead of taking the mean
+            over scored positions.
+        ignore_index: label value that is not scored (an ``int``).
 
     Returns:
-        0-d tensor: the loss (``nan`` when nothing is scored and
-        ``num_items_in_batch`` is ``None``).
+        0-d tensor (float32 for float32 or half inputs, float64 for
+        float64, as every formulation): the loss (``nan`` when nothing is
+        scored and ``num_items_in_batch`` is ``None``, e.g. for ``T = 1``).
     """
     check_hidden_weight_labels(hidden, weight, labels, ignore_index)
     num_items = _check_num_items(num_items_in_batch)
-    logits = hidden @ weight.T
+    # Half precision is reduced in float32, as in the other formulations.
+    compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = (hidden @ weight.T).to(compute_dtype)
     # sliced inline, not with companion.shapes.flatten_for_cross_entropy:
     # T = 1 is valid here (no pair to score), and that helper rejects it
     shift_logits = logits[..., :-1, :].contiguous()
@@ -273,10 +271,11 @@ def eager_label_padding_loss(
     Args:
         hidden: ``(B, T, d)`` float.
         weight: ``(V, d)`` float.
-        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
-        num_items_in_batch: divide the summed loss by this instead of taking
-            the mean over scored positions.
-        ignore_index: label value that is not scored.
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
+        num_items_in_batch: divide the summed loss by this (an ``int >= 1``
+            or a 0-D integer tensor ``>= 1``) instead of taking the mean
+            over scored positions.
+        ignore_index: label value that is not scored (an ``int``).
 
     Returns:
         0-d float32 (or float64) tensor: the loss.
@@ -333,12 +332,13 @@ def checkpointed_chunked_loss(
     Args:
         hidden: ``(B, T, d)`` float.
         weight: ``(V, d)`` float.
-        labels: ``(B, T)`` int, ``ignore_index`` = ignored.
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
         chunk_size: positions per chunk (of the ``B*T`` flattened
             positions), >= 1.
-        num_items_in_batch: divide the summed loss by this instead of taking
-            the mean over scored positions.
-        ignore_index: label value that is not scored.
+        num_items_in_batch: divide the summed loss by this (an ``int >= 1``
+            or a 0-D integer tensor ``>= 1``) instead of taking the mean
+            over scored positions.
+        ignore_index: label value that is not scored (an ``int``).
 
     Returns:
         0-d tensor: the same value as :func:`eager_label_padding_loss`.
@@ -373,6 +373,25 @@ def checkpointed_chunked_loss(
 # --------------------------------------------------------------------------
 
 
+def _backward_keeps_graph() -> bool:
+    """Whether the running backward pass keeps the graph for another.
+
+    ``True`` with ``retain_graph=True`` (and ``create_graph=True``, its
+    default).  PyTorch exposes this only privately (its AOT autograd reads
+    it); where it is missing, assume the graph is kept, which is always
+    correct, only less frugal.
+    """
+    keeps_graph = getattr(
+        torch._C._autograd, "_get_current_graph_task_keep_graph", None
+    )
+    if keeps_graph is None:
+        return True
+    try:
+        return bool(keeps_graph())
+    except RuntimeError:
+        return True
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss of ``hidden_flat @ weight.T``, gradients computed in forward.
 
@@ -382,12 +401,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     (zero on ignored rows), and multiplies it into the two gradients:
     ``grad_hidden[chunk] = grad_logits @ weight`` and
     ``grad_weight += grad_logits.T @ hidden[chunk]``.  The backward pass
-    only scales the stored gradients by the incoming gradient.
+    only scales the stored gradients by the incoming gradient: in place
+    when the graph is freed after it (the usual ``loss.backward()``), on
+    copies when it is kept (``retain_graph=True``), so that a second
+    backward pass through the same graph adds the same gradients again,
+    as with the eager loss.
+
+    Only the gradients that will be used are computed: those of the
+    inputs that require grad, and none when ``compute_gradients`` is
+    false.  Pass ``torch.is_grad_enabled()`` (as
+    :func:`chunked_causal_lm_loss` does): under ``torch.no_grad()`` no
+    graph is built, so the forward pass computes the loss alone.  Grad
+    mode is always off inside ``forward``, so it cannot tell by itself.
 
     Inputs of :meth:`forward`: ``hidden_flat (N, d)`` float,
     ``weight (V, d)`` float, ``targets (N,)`` int64 already shifted,
     ``chunk_size`` int, ``ignore_index`` int, ``denominator`` float or
-    ``None`` (nothing scored: the loss is ``nan``, the gradients zero).
+    ``None`` (nothing scored: the loss is ``nan``, the gradients zero),
+    ``compute_gradients`` bool.
     """
 
     @staticmethod
@@ -399,11 +430,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         ignore_index: int,
         denominator: float | None,
+        compute_gradients: bool,
     ) -> torch.Tensor:
         dtype = torch.promote_types(hidden_flat.dtype, torch.float32)
         device = hidden_flat.device
         positions, vocab = hidden_flat.size(0), weight.size(0)
         need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if not compute_gradients:  # no graph (torch.no_grad()): loss only
+            need_hidden = need_weight = False
         grad_scale = 0.0 if denominator is None else 1.0 / denominator
         grad_hidden = grad_weight = None
         if need_hidden:
@@ -468,12 +502,30 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx: Any, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        # Scale in place: no second (V, d) tensor, and no test of whether
-        # grad_loss is 1, which on a GPU would wait for the device.
-        for grad in (grad_hidden, grad_weight):
-            if grad is not None:
-                grad.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None
+        for name, grad, needed in zip(
+            ("hidden", "weight"), ctx.saved_tensors, ctx.needs_input_grad
+        ):
+            if needed and grad is None:
+                raise RuntimeError(
+                    f"ChunkedLinearCrossEntropy: the gradient of {name} was "
+                    "not computed in the forward pass (compute_gradients "
+                    "was False); pass torch.is_grad_enabled()"
+                )
+        if _backward_keeps_graph():
+            # retain_graph=True: a later backward pass through this graph
+            # needs the stored gradients unchanged, so scale copies.
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * grad_loss
+            if grad_weight is not None:
+                grad_weight = grad_weight * grad_loss
+        else:
+            # The graph is freed after this pass: scale in place.  No
+            # second (V, d) tensor, and no test of whether grad_loss is 1,
+            # which on a GPU would wait for the device.
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.mul_(grad_loss)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -490,20 +542,26 @@ def chunked_causal_lm_loss(
     Same value as ``ForCausalLMLoss(hidden @ weight.T, labels, V,
     num_items_in_batch)``; same gradients with respect to ``hidden`` and
     ``weight``.  Peak extra memory is one ``(chunk_size, V)`` block plus
-    the two gradients, ``(B*T, d)`` and ``(V, d)``.
+    the two gradients, ``(B*T, d)`` and ``(V, d)``.  The forward pass
+    computes the gradients of the inputs that require grad, and none
+    under ``torch.no_grad()`` or ``torch.inference_mode()``, where it
+    costs one matrix product per chunk, like the eager loss's forward.
+    A second backward pass through a retained graph
+    (``retain_graph=True``) adds the same gradients again.
 
     Args:
         hidden: ``(B, T, d)`` float, the final hidden states.
         weight: ``(V, d)`` float, the output projection, same dtype and
             device.
-        labels: ``(B, T)`` int, ``ignore_index`` = ignored; position ``t``
-            is scored against ``labels[:, t + 1]``.
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` =
+            ignored; position ``t`` is scored against ``labels[:, t + 1]``.
         chunk_size: positions per chunk (of the ``B*T`` flattened
             positions), >= 1; it need not divide ``B*T``.
-        num_items_in_batch: divide the summed loss by this (an int or a
-            one-element tensor, > 0) instead of taking the mean over scored
-            positions, as in gradient accumulation.
-        ignore_index: label value that is not scored.
+        num_items_in_batch: divide the summed loss by this (an ``int >= 1``
+            or a 0-D integer tensor ``>= 1``; floats are rejected) instead
+            of taking the mean over scored positions, as in gradient
+            accumulation.
+        ignore_index: label value that is not scored (an ``int``).
 
     Returns:
         0-d tensor (float32 for float32 or half inputs, float64 for
@@ -518,8 +576,15 @@ def chunked_causal_lm_loss(
         labels, hidden.device, ignore_index, num_items_in_batch
     )
     hidden_flat = hidden.reshape(-1, hidden_size)
+    # Under no_grad (an evaluation loop) no graph is built: loss only.
     return ChunkedLinearCrossEntropy.apply(
-        hidden_flat, weight, targets, chunk_size, ignore_index, denominator
+        hidden_flat,
+        weight,
+        targets,
+        chunk_size,
+        ignore_index,
+        denominator,
+        torch.is_grad_enabled(),
     )
 
 

@@ -7,7 +7,7 @@ Run it as a module::
 
 It starts ``world_size`` processes on this machine (``torch.multiprocessing``,
 ``fork`` on Linux, ``spawn`` elsewhere), joins them in a ``gloo`` process
-group on ``127.0.0.1`` and wraps the same
+group on the loopback interface and wraps the same
 :class:`~companion.accumulation.TinyCausalLM` in
 ``DistributedDataParallel``.  Rank ``r`` holds the rows whose lengths are
 ``--shard`` number ``r``.  DDP *averages* gradients over ranks, so the
@@ -22,8 +22,21 @@ compared with one process computing the token mean of all rows:
 * ``"token_mean"``: ``R * S_r / N``.  After DDP's average the gradient is
   ``sum_r grad S_r / N``, the full-batch gradient.
 
+The workers find each other through a ``FileStore`` in a private temporary
+directory, not a TCP store, and gloo is bound to the loopback interface by
+name: nothing depends on host names or a name server, so the run works, and
+prints nothing, without any network.  (PyTorch's TCP store looks up the name
+of the IPv4-mapped address ``::ffff:127.0.0.1`` on every connection; with no
+name server it warns "The hostname of the client socket cannot be
+retrieved".)
+
 The parent process enforces a deadline, and stops every worker (SIGTERM, then
 SIGKILL) when the deadline passes, when a worker fails, or on any exception.
+When a worker fails, the others usually fail too, in the collective that
+waited for it ("Connection closed by peer").  Each failing worker records
+its traceback and the time (``time.monotonic_ns``) before it closes any
+connection, so the parent reports the failure that came first, with its own
+traceback.
 """
 
 from __future__ import annotations
@@ -35,18 +48,18 @@ import json
 import math
 import multiprocessing.connection
 import os
-import pickle
+import signal
 import socket
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
@@ -75,23 +88,46 @@ VARIANTS: tuple[str, ...] = (
 DEFAULT_SHARDS: tuple[tuple[int, ...], ...] = ((3, 4, 3, 5), (41,))
 """Row lengths per rank: four short rows on rank 0, one long row on rank 1."""
 
-MASTER_ADDR = "127.0.0.1"
 RESULT_FILE = "result.json"
+STORE_FILE = "store"
+FAILURE_FILE = "failure-rank{rank}.json"
 COLLECTIVE_TIMEOUT_MARGIN_S = 10.0
+INJECTED_FAILURE_DELAY_S = 0.05
+LOOPBACK_INTERFACES = ("lo", "lo0")
+"""Loopback interface names: Linux, then macOS and the BSDs."""
 
 
 class WorkerFailedError(RuntimeError):
     """A worker process failed; every worker has been stopped.
 
+    The message starts with ``worker rank R failed: <last line of its
+    traceback>`` (or ``worker rank R exited with code C`` / ``was killed by
+    SIGNAL`` when it died without a traceback), names the ranks that failed
+    after it, and ends with the first failure's traceback.
+
     Attributes:
         rank: the rank that failed first.
         pids: process ids of all workers (none of them is running any more).
+        worker_traceback: that rank's traceback, or ``None`` when it died
+            without one.
+        later_failures: ``{rank: last line of its traceback}`` of the ranks
+            that failed after it, typically in the collective that waited
+            for it.
     """
 
-    def __init__(self, message: str, rank: int, pids: list[int]) -> None:
+    def __init__(
+        self,
+        message: str,
+        rank: int,
+        pids: list[int],
+        worker_traceback: str | None = None,
+        later_failures: dict[int, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.rank = rank
         self.pids = pids
+        self.worker_traceback = worker_traceback
+        self.later_failures = dict(later_failures or {})
 
 
 class WorkersTimedOutError(TimeoutError):
@@ -110,12 +146,18 @@ class WorkersTimedOutError(TimeoutError):
 class FailureInjection:
     """Make one worker fail on purpose, to exercise the clean-up path.
 
+    Every other rank first enters a collective (an all-reduce) that the
+    failing rank never joins; the failing rank fails once all of them have
+    announced it, and ``INJECTED_FAILURE_DELAY_S`` later.  So the others
+    are waiting in a collective when it fails, as in a real run.
+
     Attributes:
         rank: the worker that fails.
         kind: ``"raise"`` raises an exception after joining the process
-            group (the other ranks then wait in a collective); ``"exit"``
-            ends the process abruptly with exit code 3 (no traceback, as an
-            out-of-memory kill would); ``"hang"`` sleeps past any deadline.
+            group (the other ranks' collective then fails too, after it);
+            ``"exit"`` ends the process abruptly with exit code 3 (no
+            traceback, as an out-of-memory kill would); ``"hang"`` sleeps
+            past any deadline.
     """
 
     rank: int
@@ -127,7 +169,7 @@ class DemoSettings:
     """Everything a worker needs besides its rank (picklable, sent to it)."""
 
     world_size: int
-    port: int
+    loopback_interface: str
     shard_rows: tuple[tuple[int, int], ...]
     input_ids: tuple[tuple[int, ...], ...]
     labels: tuple[tuple[int, ...], ...]
@@ -140,17 +182,23 @@ class DemoSettings:
     start_method: str
 
 
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago.
+def loopback_interface() -> str:
+    """The name of this machine's loopback network interface.
 
-    The OS picks it: the probe socket binds to port 0.
+    Gloo binds to it by name (``GLOO_SOCKET_IFNAME``), so it never resolves
+    the host name to choose an address.
 
-    Another program could take it before rank 0 binds it; the window is tiny
-    on a test machine and a clash fails loudly in ``init_process_group``.
+    Raises:
+        RuntimeError: none of :data:`LOOPBACK_INTERFACES` exists.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((MASTER_ADDR, 0))
-        return int(probe.getsockname()[1])
+    names = {name for _, name in socket.if_nameindex()}
+    for name in LOOPBACK_INTERFACES:
+        if name in names:
+            return name
+    raise RuntimeError(
+        "no loopback network interface: none of "
+        f"{', '.join(LOOPBACK_INTERFACES)} among {sorted(names)}"
+    )
 
 
 def _check_shards(
@@ -199,9 +247,25 @@ def _check_shards(
 # ---------------------------------------------------------------------------
 
 
+# The worker's store, for the failure injection's rendezvous (set by _worker).
+_store: dist.Store | None = None
+
+
 def _inject(failure: FailureInjection | None, rank: int) -> None:
-    if failure is None or failure.rank != rank:
+    if failure is None:
         return
+    if _store is None:
+        raise RuntimeError("_inject runs in a worker, after _worker joined")
+    world_size = dist.get_world_size()
+    if failure.rank != rank:
+        # Announce, then wait in a collective the failing rank never joins.
+        _store.set(f"inject/waiting/{rank}", "1")
+        _all_reduce_sum(torch.zeros(()))
+        raise RuntimeError("the all-reduce completed without the failing rank")
+    _store.wait(
+        [f"inject/waiting/{r}" for r in range(world_size) if r != rank]
+    )
+    time.sleep(INJECTED_FAILURE_DELAY_S)  # from announced to waiting
     if failure.kind == "raise":
         raise RuntimeError(f"injected failure on rank {rank}")
     if failure.kind == "exit":
@@ -219,28 +283,56 @@ def _worker(rank: int, settings: DemoSettings) -> None:
     """One rank: DDP steps for every variant.
 
     Rank 0 also runs the full batch in one process and writes the JSON.
+    A failure is recorded (:func:`_record_failure`) before the process
+    group is destroyed, so before this rank's connections close.
     """
-    os.environ["MASTER_ADDR"] = MASTER_ADDR
-    os.environ["MASTER_PORT"] = str(settings.port)
-    # Gloo looks up the host name to pick a network interface; pinning it
-    # to loopback keeps the run on this machine whatever the host name
-    # resolves to.
-    if "GLOO_SOCKET_IFNAME" not in os.environ and any(
-        name == "lo" for _, name in socket.if_nameindex()
-    ):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    global _store
+    # Without it, gloo looks up the host name to pick a network interface.
+    os.environ["GLOO_SOCKET_IFNAME"] = settings.loopback_interface
     # One intra-op thread per process: the ranks share the machine's cores.
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        rank=rank,
-        world_size=settings.world_size,
-        timeout=timedelta(seconds=settings.collective_timeout_s),
-    )
+    joined = False
     try:
+        # A file store: no TCP store, so no host-name lookup.
+        _store = dist.FileStore(
+            str(Path(settings.result_dir) / STORE_FILE), settings.world_size
+        )
+        dist.init_process_group(
+            "gloo",
+            store=_store,
+            rank=rank,
+            world_size=settings.world_size,
+            timeout=timedelta(seconds=settings.collective_timeout_s),
+        )
+        joined = True
         _run_rank(rank, settings)
+    except BaseException:
+        _record_failure(settings.result_dir, rank)
+        raise
     finally:
-        dist.destroy_process_group()
+        if joined:
+            dist.destroy_process_group()
+        _store = None
+
+
+def _record_failure(result_dir: str, rank: int) -> None:
+    """Write this rank's traceback and the time, for the parent to compare.
+
+    Called while the exception is handled, before the process group is
+    destroyed: a peer's collective can only fail because of this failure
+    after this file exists, and its own record holds a later time.  The
+    file appears whole (written, then renamed) or not at all.
+    """
+    moment_ns = time.monotonic_ns()
+    record = {
+        "rank": rank,
+        "monotonic_ns": moment_ns,
+        "traceback": traceback.format_exc(),
+    }
+    target = Path(result_dir) / FAILURE_FILE.format(rank=rank)
+    partial = target.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    partial.replace(target)
 
 
 def _run_rank(rank: int, settings: DemoSettings) -> None:
@@ -378,13 +470,83 @@ def _stop_workers(processes: Sequence[Any], grace_s: float = 2.0) -> None:
         process.join()
 
 
-def _failure_message(rank: int, process: Any, error_file: str) -> str:
-    if os.path.exists(error_file):
-        with open(error_file, "rb") as handle:
-            trace = pickle.load(handle)
-        last_line = trace.strip().splitlines()[-1]
-        return f"worker rank {rank} failed: {last_line}"
-    return f"worker rank {rank} exited with code {process.exitcode}"
+# Exit codes of a worker that finished, or that _stop_workers stopped.
+_STOPPED_EXIT_CODES = (
+    0,
+    -signal.SIGTERM,
+    -getattr(signal, "SIGKILL", signal.SIGTERM),
+)
+
+
+def _failure_path(result_dir: str, rank: int) -> Path:
+    return Path(result_dir) / FAILURE_FILE.format(rank=rank)
+
+
+def _read_failures(result_dir: str, world_size: int) -> dict[int, dict]:
+    """The failure records the workers wrote, by rank."""
+    records = {}
+    for rank in range(world_size):
+        path = _failure_path(result_dir, rank)
+        if path.exists():
+            records[rank] = json.loads(path.read_text())
+    return records
+
+
+def _last_line(trace: str) -> str:
+    lines = trace.strip().splitlines()
+    return lines[-1] if lines else "(empty traceback)"
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+def _first_failure(
+    settings: DemoSettings,
+    silent_exits: dict[int, int],
+    pids: list[int],
+) -> WorkerFailedError:
+    """The error for the failure that came first; call once all stopped.
+
+    ``silent_exits`` maps the ranks that had exited with a failure but no
+    record when the parent noticed (killed by a signal, ``os._exit``) to
+    their exit codes.  A peer's failure caused by such a death is an
+    exception, which leaves a record, so a silent death came first.
+    Otherwise the first failure is the record with the earliest time (a
+    worker that exited with a failure and no record is in ``silent_exits``,
+    so there is at least one).
+    """
+    records = _read_failures(settings.result_dir, settings.world_size)
+    if silent_exits:
+        rank = min(silent_exits)
+        summary = f"worker rank {rank} {_describe_exit(silent_exits[rank])}"
+        trace = None
+    else:
+        rank = min(records, key=lambda r: records[r]["monotonic_ns"])
+        trace = records[rank]["traceback"]
+        summary = f"worker rank {rank} failed: {_last_line(trace)}"
+    later = {
+        other: _last_line(record["traceback"])
+        for other, record in sorted(records.items())
+        if other != rank
+    }
+    parts = [summary]
+    if later:
+        parts.append(
+            "after it: "
+            + "; ".join(
+                f"rank {other} failed: {line}" for other, line in later.items()
+            )
+        )
+    if trace is not None:
+        parts.append(f"traceback of rank {rank}:\n{trace.rstrip()}")
+    return WorkerFailedError("\n".join(parts), rank, pids, trace, later)
 
 
 def run_ddp_comparison(
@@ -473,7 +635,7 @@ def run_ddp_comparison(
     with tempfile.TemporaryDirectory(prefix="ddp-demo-") as result_dir:
         settings = DemoSettings(
             world_size=world_size,
-            port=find_free_port(),
+            loopback_interface=loopback_interface(),
             shard_rows=tuple(shard_rows),
             input_ids=tuple(tuple(row) for row in input_ids.tolist()),
             labels=tuple(tuple(row) for row in labels.tolist()),
@@ -515,15 +677,35 @@ def _launch_and_wait(settings: DemoSettings, timeout_s: float) -> None:
     pids = [int(process.pid) for process in processes]
     try:
         while True:
-            for rank, process in enumerate(processes):
-                if process.exitcode not in (None, 0):
-                    _stop_workers(processes)
-                    raise WorkerFailedError(
-                        _failure_message(rank, process, error_files[rank]),
-                        rank,
-                        pids,
-                    )
-            running = [p for p in processes if p.exitcode is None]
+            # One look at every worker: read again below, a worker that
+            # failed in between would count as running now and finished then.
+            exitcodes = [process.exitcode for process in processes]
+            failed = [
+                (rank, code)
+                for rank, code in enumerate(exitcodes)
+                if code not in (None, 0)
+            ]
+            if failed:
+                # Exits without a record, taken before stopping anyone:
+                # SIGTERM leaves no record either.
+                silent = {
+                    rank: int(code)
+                    for rank, code in failed
+                    if not _failure_path(settings.result_dir, rank).exists()
+                }
+                _stop_workers(processes)
+                # A death the parent did not cause, seen only now.
+                for rank, process in enumerate(processes):
+                    code = process.exitcode
+                    path = _failure_path(settings.result_dir, rank)
+                    if code not in _STOPPED_EXIT_CODES and not path.exists():
+                        silent.setdefault(rank, int(code))
+                raise _first_failure(settings, silent, pids)
+            running = [
+                process
+                for process, code in zip(processes, exitcodes)
+                if code is None
+            ]
             if not running:
                 return
             remaining = deadline - time.monotonic()

@@ -52,7 +52,7 @@ from numpy.typing import ArrayLike
 # companion first: it sets TensorFlow's log level before the imports below.
 import companion  # noqa: F401
 from companion import reference
-from companion._checks import require_positive_int
+from companion._checks import require_int, require_positive_int
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -254,10 +254,7 @@ def _check_token_logits(token_logits: ArrayLike) -> np.ndarray:
 
 def _check_options(owner: object, padding_id: Any, from_logits: Any) -> None:
     """Checks shared by the fixed loss and the corpus metrics."""
-    if isinstance(padding_id, bool) or not isinstance(padding_id, int):
-        raise TypeError(
-            f"padding_id must be an int; got {type(padding_id).__name__}"
-        )
+    require_int(padding_id, "padding_id")
     if not isinstance(from_logits, bool):
         raise TypeError(
             f"from_logits must be a bool; got {type(from_logits).__name__}"
@@ -421,12 +418,199 @@ def padded(
 # ---------------------------------------------------------------------------
 
 
+# The checks of y_true, y_pred and sample_weight.  Shapes are checked when
+# they are known: always in eager mode (and on the torch backend), and
+# mostly when TensorFlow traces a train step.  Values are checked in NumPy
+# when they are concrete, raising ValueError; inside a tf.function (fit,
+# evaluate, predict), where they are not, the same checks run as
+# tf.debugging assertions, which TensorFlow raises as InvalidArgumentError
+# with the same message, before any Keras op can fail on the bad value.
+# XLA compiles assertions away: under jit_compile=True (Keras 3's "auto"
+# on a TensorFlow GPU) only the shape checks remain.
+
+
+def _as_tensor(value: Any, name: str, what: str) -> Any:
+    """``value`` as a backend tensor, or ``TypeError`` naming ``name``."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{name} must be a tensor or array of {what}; "
+            f"got {type(value).__name__}"
+        )
+    try:
+        return ops.convert_to_tensor(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name} must be a tensor or array of {what}; "
+            f"got {type(value).__name__}"
+        ) from error
+
+
+def _dtype(tensor: Any) -> str:
+    """Keras's name of ``tensor``'s dtype: "float32", "int64", "bool" ..."""
+    return keras.backend.standardize_dtype(tensor.dtype)
+
+
+def _is_real_dtype(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "int", "uint"))
+
+
+def _static_shape(tensor: Any) -> tuple[int | None, ...]:
+    """``tensor``'s shape, ``None`` for a dimension not known yet."""
+    return tuple(None if d is None else int(d) for d in tensor.shape)
+
+
+def _concrete(tensor: Any) -> np.ndarray | None:
+    """``tensor``'s values, or ``None`` while it is symbolic (traced)."""
+    if tf.is_tensor(tensor):  # the TensorFlow backend, and tf-keras
+        if not tf.executing_eagerly() or tf.is_symbolic_tensor(tensor):
+            return None
+        return np.asarray(tensor)
+    if keras.backend.is_keras_tensor(tensor):
+        return None
+    try:
+        return np.asarray(ops.convert_to_numpy(tensor))
+    except TypeError:  # a traced value of another backend (jax.jit)
+        return None
+
+
+def _check_dims_agree(
+    shape: tuple[int | None, ...],
+    expected: tuple[int | None, ...],
+    name: str,
+    layout: str,
+) -> None:
+    """``ValueError`` if a known dimension of ``shape`` differs from ``expected``."""
+    for got, want in zip(shape, expected, strict=False):
+        if got is not None and want is not None and got != want:
+            raise ValueError(
+                f"{name} must have shape {layout} matching y_pred (B, T, C) "
+                f"{expected} in B and T; got shape {shape}"
+            )
+
+
 def _as_float(y_pred: Any) -> Any:
-    """``y_pred`` as a tensor of a float dtype (float32 unless it has one)."""
-    y_pred = ops.convert_to_tensor(y_pred)
-    if not keras.backend.is_float_dtype(y_pred.dtype):
+    """``y_pred``, checked, as a tensor of a float dtype.
+
+    ``y_pred`` must be ``(B, T, C)`` real numbers with ``C >= 1`` and no
+    empty batch; an integer dtype is cast to float32.
+
+    Raises:
+        TypeError: ``y_pred`` is not an array of real numbers.
+        ValueError: a rank other than 3, or an empty dimension.
+    """
+    y_pred = _as_tensor(y_pred, "y_pred", "probabilities or logits")
+    dtype = _dtype(y_pred)
+    if not _is_real_dtype(dtype):
+        raise TypeError(
+            "y_pred must hold real numbers (probabilities or logits, "
+            f"(B, T, C)); got dtype {dtype}"
+        )
+    shape = _static_shape(y_pred)
+    if len(shape) != 3:
+        raise ValueError(
+            f"y_pred must be a 3-D tensor (B, T, C); got shape {shape}"
+        )
+    if 0 in shape:
+        raise ValueError(
+            "y_pred (B, T, C) must have no empty dimension (an empty batch "
+            f"or C = 0 classes); got shape {shape}"
+        )
+    if not keras.backend.is_float_dtype(dtype):
         y_pred = ops.cast(y_pred, "float32")
     return y_pred
+
+
+def _checked_labels(y_true: Any, y_pred: Any, padding_id: int) -> Any:
+    """``y_true`` as a tensor, after checking it against ``y_pred``.
+
+    ``y_true`` is ``(B, T)`` or ``(B, T, 1)`` class ids: integers, or
+    floats holding whole numbers (Keras's ``Loss.__call__`` casts labels to
+    the loss dtype, so ``call`` sees ``1.0``), each in ``[0, C)`` or equal
+    to ``padding_id``.
+
+    Raises:
+        TypeError: ``y_true`` of a ``bool``, complex or string dtype.
+        ValueError: a wrong shape, a label that is not a whole number, or
+            a label outside ``[0, C)`` that is not ``padding_id``.  Inside
+            a ``tf.function`` the value checks raise
+            ``tf.errors.InvalidArgumentError`` with the same message.
+    """
+    labels = _as_tensor(y_true, "y_true", "class ids")
+    dtype = _dtype(labels)
+    if not _is_real_dtype(dtype):
+        raise TypeError(
+            "y_true must hold class ids (integers, or floats holding whole "
+            f"numbers); got dtype {dtype}"
+        )
+    shape, pred_shape = _static_shape(labels), _static_shape(y_pred)
+    layout = "(B, T) or (B, T, 1)"
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, None)):
+        raise ValueError(
+            f"y_true must have shape {layout} matching y_pred (B, T, C) "
+            f"{pred_shape}; got shape {shape}"
+        )
+    _check_dims_agree(shape[:2], pred_shape[:2], "y_true", layout)
+    num_classes = pred_shape[2]
+    values = _concrete(labels)
+    whole = "y_true must hold whole-number class ids (1.0 is class 1)"
+    classes = "y_pred.shape[-1]" if num_classes is None else num_classes
+    in_range = (
+        f"y_true must lie in [0, C) (C = {classes}, the classes of y_pred) "
+        f"or equal padding_id={padding_id}"
+    )
+    is_float = keras.backend.is_float_dtype(dtype)
+    if values is not None:
+        values = values.astype(np.float64)
+        fractional = values != np.round(values)
+        if is_float and fractional.any():
+            raise ValueError(f"{whole}; found {values[fractional][0]:g}")
+        real = values != padding_id
+        bad = real & ((values < 0) | (values >= num_classes))
+        if bad.any():
+            raise ValueError(f"{in_range}; found {values[bad][0]:g}")
+        return labels
+    # Traced by TensorFlow: the same checks as graph assertions.
+    as_float = tf.cast(labels, tf.float64)
+    pred_dims = tf.shape(y_pred)
+    real = tf.not_equal(as_float, float(padding_id))
+    classes = tf.cast(pred_dims[2], tf.float64)
+    outside = real & ((as_float < 0) | (as_float >= classes))
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(labels)[:2], pred_dims[:2],
+            message=f"y_true must have shape {layout} matching y_pred "
+            "(B, T, C) in B and T",
+        ),
+        tf.debugging.assert_equal(
+            tf.reduce_any(outside), False, message=in_range
+        ),
+    ]
+    if is_float:
+        checks.append(tf.debugging.assert_equal(
+            as_float, tf.round(as_float), message=whole
+        ))
+    with tf.control_dependencies(checks):
+        return tf.identity(labels)
+
+
+def _checked_sample_weight(sample_weight: Any, labels: Any) -> Any:
+    """``sample_weight`` as a tensor: ``()``, ``(B,)``, ``(B, T)`` or
+    ``(B, T, 1)`` real numbers, with ``B`` and ``T`` those of ``labels``.
+    """
+    weights = _as_tensor(sample_weight, "sample_weight", "weights")
+    dtype = _dtype(weights)
+    if not _is_real_dtype(dtype):
+        raise TypeError(
+            f"sample_weight must hold real numbers; got dtype {dtype}"
+        )
+    shape = _static_shape(weights)
+    layout = "(), (B,), (B, T) or (B, T, 1)"
+    if len(shape) > 3 or (len(shape) == 3 and shape[2] not in (1, None)):
+        raise ValueError(
+            f"sample_weight must have shape {layout}; got shape {shape}"
+        )
+    _check_dims_agree(shape[:2], _static_shape(labels)[:2], "sample_weight", layout)
+    return weights
 
 
 def _labels_and_real(y_true: Any, y_pred: Any, padding_id: int) -> Any:
@@ -441,7 +625,7 @@ def _labels_and_real(y_true: Any, y_pred: Any, padding_id: int) -> Any:
         may be an id outside ``[0, C)``, e.g. -100); ``real``: ``(B, T)``
         of ``y_pred``'s dtype, 1 on real tokens and 0 on padding.
     """
-    labels = ops.convert_to_tensor(y_true)
+    labels = _checked_labels(y_true, y_pred, padding_id)
     if len(labels.shape) == len(y_pred.shape):
         labels = ops.squeeze(labels, axis=-1)
     labels = ops.cast(labels, "int32")
@@ -478,6 +662,7 @@ def _token_weights(
     _, weights = _labels_and_real(y_true, _as_float(y_pred), padding_id)
     if sample_weight is None:
         return weights
+    sample_weight = _checked_sample_weight(sample_weight, weights)
     sample_weight = ops.cast(sample_weight, weights.dtype)
     if len(sample_weight.shape) == 1:
         sample_weight = ops.expand_dims(sample_weight, axis=-1)
@@ -532,10 +717,14 @@ class MaskedSparseCrossEntropy(_MaskedTokenMean, keras.losses.Loss):
 
     ``loss(y_true, y_pred, sample_weight)``:
 
-    * ``y_true``: ``(B, T)`` int, ``padding_id`` = padding (default 0);
+    * ``y_true``: ``(B, T)`` (or ``(B, T, 1)``) class ids in ``[0, C)``,
+      ``padding_id`` = padding (default 0).  Any integer dtype, or floats
+      holding whole numbers (Keras casts labels to float, so ``1.0`` is
+      class 1); ``1.5``, ``nan`` and ``bool`` labels are rejected;
     * ``y_pred``: ``(B, T, C)`` float probabilities (logits if
-      ``from_logits=True``);
-    * ``sample_weight``: optional ``(B,)`` or ``(B, T)`` float.
+      ``from_logits=True``), ``C >= 1``, no empty batch;
+    * ``sample_weight``: optional ``()``, ``(B,)``, ``(B, T)`` or
+      ``(B, T, 1)`` float.
 
     Returns ``sum(w * nll) / sum(w)`` with ``w`` = (label != padding_id) x
     weight, a scalar; 0 when the batch holds no real token.  The labels
@@ -543,6 +732,13 @@ class MaskedSparseCrossEntropy(_MaskedTokenMean, keras.losses.Loss):
     and a ``sample_weight`` never dilutes the denominator.  ``call`` gives
     the per-token losses, Keras's ``"sum"`` reduction weights and adds them,
     and ``__call__`` divides.  Written in ``keras.ops``: any backend.
+
+    Bad arguments raise ``TypeError``/``ValueError`` naming ``y_true``,
+    ``y_pred`` or ``sample_weight``.  Inside a ``tf.function`` (``fit``,
+    ``evaluate``), where label values are not known while the step is
+    traced, the value checks are ``tf.debugging`` assertions: TensorFlow
+    raises them as ``tf.errors.InvalidArgumentError`` with the same message
+    (XLA drops assertions: compile with ``jit_compile=False`` to keep them).
     """
 
 
@@ -570,6 +766,9 @@ class _CorpusNLL:
             name="total_tokens", shape=(), initializer="zeros"
         )
 
+    # tf-keras would AutoGraph-convert it, rewrapping the argument checks'
+    # errors; nothing in it branches on a tensor, so conversion is not needed
+    @tf.autograph.experimental.do_not_convert
     def update_state(
         self, y_true: Any, y_pred: Any, sample_weight: Any = None
     ) -> None:
@@ -1435,12 +1634,27 @@ def fixed_loss_on_backend(
             f"logits must have shape {label_ids.shape} + (C,); "
             f"got {scores.shape}"
         )
+    num_classes = scores.shape[2]
+    if num_classes < 1:
+        raise ValueError(
+            f"logits must have C >= 1 classes; got shape {scores.shape}"
+        )
+    if label_ids.min() < 0 or label_ids.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (0 = padding); "
+            f"got values in [{label_ids.min()}, {label_ids.max()}]"
+        )
     arrays = {
         "labels": label_ids.astype(np.int32),
         "logits": scores.astype(np.float32),
     }
     if sample_weight is not None:
         weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
+        if weights.shape != label_ids.shape:
+            raise ValueError(
+                f"sample_weight must have the shape of labels "
+                f"{label_ids.shape} (B, T); got {weights.shape}"
+            )
         arrays["weights"] = weights.astype(np.float32)
     environment = dict(os.environ, KERAS_BACKEND=backend)
     with tempfile.TemporaryDirectory() as folder:

@@ -24,6 +24,8 @@ from companion._checks import (
     require_floating,
     require_integer,
     require_leading_dims,
+    require_no_empty_dim,
+    require_positive_int,
     require_rank,
     require_tensor,
 )
@@ -40,10 +42,15 @@ def check_logits_and_labels(
         min_time: fewest positions ``T`` accepted: 2 for a next-token loss
             (one pair after the shift), 1 for a loss without a shift.
 
+    ``labels`` may have any integer dtype (``int8`` to ``int64``, ``uint8``
+    to ``uint64``); the losses convert it to ``int64``, the shape functions
+    here keep it.
+
     Raises:
         TypeError: a non-tensor argument, non-float ``logits`` or non-integer ``labels``.
         ValueError: wrong rank, ``labels`` not matching ``logits``' first two
-            dimensions, or ``T < min_time`` (for the shift: nothing left to predict).
+            dimensions, ``T < min_time`` (for the shift: nothing left to
+            predict), an empty batch (``B = 0``) or no class (``V = 0``).
     """
     require_tensor(logits, "logits")
     require_tensor(labels, "labels")
@@ -56,6 +63,7 @@ def check_logits_and_labels(
     if time < min_time:
         need = "to form one next-token pair" if min_time == 2 else "for this loss"
         raise ValueError(f"logits and labels need T >= {min_time} positions {need}; got T={time}")
+    require_no_empty_dim(logits, "logits", "(B, T, V)")
     return batch, time, vocab
 
 
@@ -202,13 +210,24 @@ def slice_is_contiguous(batch: int, time: int, vocab: int) -> bool:
     """Whether ``logits[..., :-1, :]`` of a ``(batch, time, vocab)`` tensor is contiguous.
 
     Decided on the ``meta`` device, so any size is free to ask about.
+    ``batch``, ``time`` and ``vocab`` are ints >= 1.
     """
+    for value, name in ((batch, "batch"), (time, "time"), (vocab, "vocab")):
+        require_positive_int(value, name)
     logits = torch.empty(batch, time, vocab, device="meta")
     return logits[..., :-1, :].is_contiguous()
 
 
 def logits_nbytes(batch: int, time: int, vocab: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of a ``(batch, time, vocab)`` tensor of ``dtype``."""
+    """Bytes of a ``(batch, time, vocab)`` tensor of ``dtype``.
+
+    ``batch``, ``time`` and ``vocab`` are ints >= 1; ``dtype`` a
+    ``torch.dtype``.
+    """
+    for value, name in ((batch, "batch"), (time, "time"), (vocab, "vocab")):
+        require_positive_int(value, name)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype; got {type(dtype).__name__}")
     return batch * time * vocab * torch.empty((), dtype=dtype).element_size()
 
 
@@ -227,8 +246,18 @@ def tf_shift_and_flatten(logits: Any, labels: Any) -> tuple[Any, Any]:
     """
     import tensorflow as tf
 
-    logits = tf.convert_to_tensor(logits)
-    labels = tf.convert_to_tensor(labels)
+    def as_tensor(value: Any, name: str) -> Any:
+        if value is None or isinstance(value, (str, bytes)):
+            raise TypeError(f"{name} must be a tf.Tensor or array; got {type(value).__name__}")
+        try:
+            return tf.convert_to_tensor(value)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"{name} must be a tf.Tensor or array; got {type(value).__name__}"
+            ) from error
+
+    logits = as_tensor(logits, "logits")
+    labels = as_tensor(labels, "labels")
     if logits.shape.rank != 3:
         raise ValueError(f"logits must be a 3-D tensor (B, T, V); got shape {tuple(logits.shape)}")
     if not logits.dtype.is_floating:
@@ -246,6 +275,11 @@ def tf_shift_and_flatten(logits: Any, labels: Any) -> tuple[Any, Any]:
         raise ValueError(
             "logits and labels need T >= 2 positions to form one next-token pair; "
             f"got T={logits.shape[1]}"
+        )
+    if 0 in tuple(logits.shape):
+        raise ValueError(
+            "logits (B, T, V) must have no empty dimension (an empty batch or a "
+            f"vocabulary of 0 classes); got shape {tuple(logits.shape)}"
         )
     vocab = logits.shape[-1]
     shift_logits = logits[:, :-1, :]

@@ -346,10 +346,20 @@ def test_non_tensor_is_rejected(loss):
         loss(np.zeros((2, 5, 3)), torch.zeros(2, 5, dtype=torch.long))
 
 
-def test_single_position_is_rejected_for_the_shifted_losses():
+def test_single_position_has_no_pair_and_gives_nan_as_transformers_does():
+    # T = 1: no next-token target.  transformers' ForCausalLMLoss (and the
+    # eager shift and slice) give the mean over no pair, nan; the sum over
+    # num_items_in_batch is 0.  Every formulation agrees
+    # (tests/test_bad_inputs.py checks the chunked ones too).
+    logits = torch.zeros(2, 1, 3)
+    labels = torch.zeros(2, 1, dtype=torch.long)
     for loss in (shift_and_slice_loss, label_padding_loss):
-        with pytest.raises(ValueError, match="T >= 2"):
-            loss(torch.zeros(2, 1, 3), torch.zeros(2, 1, dtype=torch.long))
+        assert math.isnan(float(loss(logits, labels)))
+    assert math.isnan(float(attention_mask_filter_loss(
+        logits, labels, torch.ones(2, 1, dtype=torch.long))))
+    assert float(label_padding_loss(logits, labels, num_items_in_batch=3)) == 0.0
+    with pytest.raises(ValueError, match="T >= 1"):
+        shift_and_slice_loss(torch.zeros(2, 0, 3), torch.zeros(2, 0, dtype=torch.long))
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion import reference
 from companion.chunked_loss import (
     CHUNKED_VARIANTS,
     LOSS_VARIANTS,
     TIME_TARGET,
+    ChunkedLinearCrossEntropy,
     TensorMemoryTracker,
     checkpointed_chunked_loss,
     chunked_causal_lm_loss,
@@ -230,6 +232,127 @@ def test_frozen_weight_and_no_grad():
         value = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=3)
     assert value.grad_fn is None
     assert value.item() == pytest.approx(eager_label_padding_loss(hidden, weight, labels).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", CHUNKED_LOSSES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("scale", [1.0, -2.5])
+def test_backward_through_retained_graph_accumulates_like_eager(loss_fn, scale):
+    """retain_graph=True, then backward again: the same gradient added twice, three times."""
+    torch.manual_seed(9)
+    hidden = torch.randn(2, 7, 4, dtype=torch.float64)
+    weight = torch.randn(9, 4, dtype=torch.float64)
+    labels = torch.randint(0, 9, (2, 7))
+    labels[1, 4:] = -100
+    grads = {}
+    for name, fn, kwargs in (("eager", eager_label_padding_loss, {}), ("chunked", loss_fn, {"chunk_size": 3})):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = scale * fn(h, w, labels, **kwargs)
+        steps = []
+        for retain in (True, True, False):
+            loss.backward(retain_graph=retain)
+            steps.append((h.grad.clone(), w.grad.clone()))
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()  # freed after the last pass, as eager's
+        grads[name] = steps
+    for (got_h, got_w), (want_h, want_w) in zip(grads["chunked"], grads["eager"]):
+        torch.testing.assert_close(got_h, want_h, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-10, atol=1e-12)
+    first_h, first_w = grads["chunked"][0]
+    torch.testing.assert_close(grads["chunked"][2][0], 3 * first_h)
+    torch.testing.assert_close(grads["chunked"][2][1], 3 * first_w)
+
+
+def test_autograd_grad_with_retained_graph_returns_equal_gradients():
+    torch.manual_seed(10)
+    hidden = torch.randn(1, 6, 3, requires_grad=True)
+    weight = torch.randn(5, 3, requires_grad=True)
+    labels = torch.randint(0, 5, (1, 6))
+    loss = -2.5 * chunked_causal_lm_loss(hidden, weight, labels, chunk_size=4)
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    kept = [grad.clone() for grad in first]
+    second = torch.autograd.grad(loss, (hidden, weight))
+    for got, want in zip(first, kept):  # the second pass did not modify the first's results
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(second, kept):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _MatmulCounter(TorchDispatchMode):
+    """Counts the matrix products PyTorch runs, by operator name."""
+
+    NAMES = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear")
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.NAMES:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counting_problem(hidden_grad: bool = True, weight_grad: bool = True):
+    torch.manual_seed(11)
+    hidden = torch.randn(2, 10, 6, requires_grad=hidden_grad)  # N = 20 positions
+    weight = torch.randn(13, 6, requires_grad=weight_grad)
+    labels = torch.randint(0, 13, (2, 10))
+    labels[0, 7:] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("loss_fn", CHUNKED_LOSSES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_no_grad_computes_the_loss_only(loss_fn, mode):
+    """An evaluation loop: parameters require grad, grad mode is off; one product per chunk, no gradient."""
+    hidden, weight, labels = _counting_problem()
+    with mode(), _MatmulCounter() as counter:
+        value = loss_fn(hidden, weight, labels, chunk_size=6)  # 4 chunks: 6 + 6 + 6 + 2
+    # One (C, d) x (d, V) product per chunk (mm, or matmul under inference_mode), nothing else.
+    assert sum(counter.counts.values()) == 4, counter.counts
+    assert set(counter.counts) <= {"mm", "matmul"}, counter.counts
+    assert value.grad_fn is None and not value.requires_grad
+    want = eager_label_padding_loss(hidden.detach(), weight.detach(), labels)
+    assert value.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("hidden_grad", "weight_grad", "expected"),
+    [
+        (True, True, {"mm": 8, "addmm_": 4}),  # logits, grad of hidden, grad of weight per chunk
+        (True, False, {"mm": 8}),  # no grad of weight
+        (False, True, {"mm": 4, "addmm_": 4}),  # no grad of hidden
+        (False, False, {"mm": 4}),  # nothing requires grad: the loss only
+    ],
+)
+def test_forward_computes_only_the_gradients_required(hidden_grad, weight_grad, expected):
+    hidden, weight, labels = _counting_problem(hidden_grad, weight_grad)
+    with _MatmulCounter() as counter:
+        loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=6)
+    assert counter.counts == expected
+    if not (hidden_grad or weight_grad):
+        assert loss.grad_fn is None
+        return
+    with _MatmulCounter() as counter:
+        loss.backward()
+    assert counter.counts == {}  # the backward pass only scales
+    want_hidden = hidden.detach().clone().requires_grad_(hidden_grad)
+    want_weight = weight.detach().clone().requires_grad_(weight_grad)
+    eager_label_padding_loss(want_hidden, want_weight, labels).backward()
+    for got, want in ((hidden, want_hidden), (weight, want_weight)):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7)
+        else:
+            assert got.grad is None
+
+
+def test_function_without_computed_gradients_refuses_backward():
+    hidden, weight, labels = _counting_problem()
+    targets = shift_labels_with_padding(labels).view(-1)
+    loss = ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, 6), weight, targets, 6, -100, 15.0, False)
+    with pytest.raises(RuntimeError, match="gradient of hidden was not computed"):
+        loss.backward()
 
 
 def test_bfloat16_inputs_reduce_in_float32():
