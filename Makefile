@@ -2,6 +2,8 @@
 #   make book   build the HTML site in _build/html
 #   make test   unit tests, strict nbval on every notebook, the book build,
 #               and the built site checked in headless Chromium
+# Optional: make test-portable   strict nbval again under other CPU kernels,
+#               one thread, and offline (see tests/portability.sh)
 # Both create .venv and install the pinned requirements when needed.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -16,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test unit nbval site notebooks lab screenshots clean
+.PHONY: book test test-portable unit nbval site notebooks lab screenshots clean
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +46,12 @@ nbval: $(STAMP)
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 
 test: unit nbval book site
+
+# The portability pass: every stored output must be the same under
+# PyTorch's generic kernels on one thread, under AVX2 kernels, and natively
+# with no network.  .ci/run runs it after `make test`.
+test-portable: $(STAMP)
+	bash tests/portability.sh $(BIN)/python $(NOTEBOOKS)
 
 # Re-execute every notebook and save its outputs in place (after a change
 # to the package or a chapter).

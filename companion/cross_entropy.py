@@ -33,7 +33,6 @@ importing this module does not start TensorFlow.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,11 +43,15 @@ from numpy.typing import ArrayLike
 
 from companion import IGNORE_INDEX
 from companion import reference as _reference
+from companion.display import bound
 from companion._checks import (
+    require_class_indices,
     require_floating,
+    require_ignore_index,
     require_integer,
     require_labels_in_range,
     require_leading_dims,
+    require_no_empty_dim,
     require_rank,
     require_rows_and_targets,
     require_tensor,
@@ -64,12 +67,7 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 
 
 def _check_ignore_index(ignore_index: Any) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(
-            "ignore_index must be an int; got "
-            f"{type(ignore_index).__name__}"
-        )
-    return ignore_index
+    return require_ignore_index(ignore_index)
 
 
 def _check_reduction(
@@ -127,7 +125,9 @@ def check_cross_entropy_inputs(
 
     Args:
         scores: ``(N, C)`` float, logits or log-probabilities.
-        targets: ``(N,)`` int class indices in ``[0, C)``, or ``ignore_index``.
+        targets: ``(N,)`` class indices of any integer dtype (``int8`` to
+            ``int64``, ``uint8`` to ``uint64``; the losses convert them to
+            int64), in ``[0, C)`` or equal to ``ignore_index``.
         scores_name: how ``scores`` is called in error messages.
         weight: ``None`` or ``(C,)`` float of the same dtype as ``scores``.
         ignore_index: int, the target value that is skipped.
@@ -136,11 +136,12 @@ def check_cross_entropy_inputs(
 
     Raises:
         TypeError: a non-tensor, non-float ``scores``/``weight``, non-integer
-            ``targets``, or a ``weight`` whose dtype differs from ``scores``'.
-        ValueError: wrong ranks, ``targets`` not of length ``N``, ``C == 0``,
-            a target outside ``[0, C)`` that is not ``ignore_index``, a wrong
-            ``weight`` length, an unknown ``reduction`` or a
-            ``label_smoothing`` outside ``[0, 1]``.
+            ``targets``, a ``weight`` whose dtype differs from ``scores``',
+            or an ``ignore_index`` that is not an ``int``.
+        ValueError: wrong ranks, ``targets`` not of length ``N``, ``N == 0``
+            (an empty batch), ``C == 0``, a target outside ``[0, C)`` that
+            is not ``ignore_index``, a wrong ``weight`` length, an unknown
+            ``reduction`` or a ``label_smoothing`` outside ``[0, 1]``.
     """
     require_tensor(scores, scores_name)
     require_rank(scores, 2, scores_name, "(N, C)")
@@ -153,6 +154,11 @@ def check_cross_entropy_inputs(
     if num_classes == 0:
         raise ValueError(
             f"{scores_name} must have at least one class (C >= 1); got C=0"
+        )
+    if num_rows == 0:
+        raise ValueError(
+            f"{scores_name} must have at least one row (N >= 1), not an "
+            "empty batch; got N=0"
         )
     ignore_index = _check_ignore_index(ignore_index)
     require_labels_in_range(targets, num_classes, ignore_index, "targets")
@@ -189,6 +195,11 @@ def naive_log_softmax(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             "logits must have a class axis (shape (..., C)); got a 0-D tensor"
         )
+    if logits.size(-1) == 0:
+        raise ValueError(
+            "logits must have at least one class (shape (..., C), C >= 1); "
+            f"got shape {tuple(logits.shape)}"
+        )
     exps = torch.exp(logits)
     return torch.log(exps / exps.sum(dim=-1, keepdim=True))
 
@@ -212,6 +223,11 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 0:
         raise ValueError(
             "logits must have a class axis (shape (..., C)); got a 0-D tensor"
+        )
+    if logits.size(-1) == 0:
+        raise ValueError(
+            "logits must have at least one class (shape (..., C), C >= 1); "
+            f"got shape {tuple(logits.shape)}"
         )
     # The shift cancels exactly in the formula; detaching it keeps a rounding
     # residue of that cancellation out of the gradient.
@@ -285,6 +301,7 @@ def nll_loss(
         log_probs, targets, scores_name="log_probs", weight=weight,
         ignore_index=ignore_index, reduction=reduction,
     )
+    targets = require_class_indices(targets, "targets")
     kept, safe_targets = _kept_rows(targets, ignore_index)
     row_weights = _row_weights(safe_targets, kept, weight, log_probs.dtype)
     picked = log_probs.gather(1, safe_targets.unsqueeze(1)).squeeze(1)
@@ -330,6 +347,7 @@ def cross_entropy(
         logits, targets, weight=weight, ignore_index=ignore_index,
         reduction=reduction, label_smoothing=label_smoothing,
     )
+    targets = require_class_indices(targets, "targets")
     log_probs = log_softmax(logits)
     if label_smoothing == 0:
         return nll_loss(
@@ -404,6 +422,11 @@ def naive_versus_stable_by_scale(
     Returns:
         ``{"scale": (S,), "naive": (S,), "stable": (S,)}``, float64 arrays.
     """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype must be a floating-point torch dtype; got "
+            f"{type(dtype).__name__}"
+        )
     s = np.asarray(scales, dtype=np.float64)
     if s.ndim != 1:
         raise ValueError(
@@ -461,6 +484,7 @@ def cross_entropy_grad(
         reduction=reduction, label_smoothing=label_smoothing,
     )
     _check_reduction(reduction, ("mean", "sum"))
+    targets = require_class_indices(targets, "targets")
     logits = logits.detach()
     probs = torch.exp(log_softmax(logits))
     kept, safe_targets = _kept_rows(targets, ignore_index)
@@ -498,11 +522,12 @@ def flatten_class_axis(
     ``(B*T, C)`` logits and ``(B*T,)`` targets, rows in ``(b, t)`` order.
 
     Args:
-        logits: ``(B, C, T)`` float.
-        targets: ``(B, T)`` int.
+        logits: ``(B, C, T)`` float, no empty dimension.
+        targets: ``(B, T)`` of any integer dtype.
 
     Returns:
-        ``(flat_logits, flat_targets)`` of shapes ``(B*T, C)`` and ``(B*T,)``.
+        ``(flat_logits, flat_targets)`` of shapes ``(B*T, C)`` and ``(B*T,)``;
+        ``flat_targets`` is int64, ready for any cross-entropy.
     """
     require_tensor(logits, "logits")
     require_rank(logits, 3, "logits", "(B, C, T)")
@@ -517,8 +542,9 @@ def flatten_class_axis(
             f"logits (B, C, T) {tuple(logits.shape)}; "
             f"got shape {tuple(targets.shape)}"
         )
+    require_no_empty_dim(logits, "logits", "(B, C, T)")
     flat_logits = logits.permute(0, 2, 1).reshape(-1, num_classes)
-    return flat_logits, targets.reshape(-1)
+    return flat_logits, targets.reshape(-1).long()
 
 
 # ---------------------------------------------------------------------------
@@ -557,13 +583,30 @@ def reference_label_smoothed_cross_entropy(
         ``(N,)`` array.
     """
     x, y = require_rows_and_targets(logits, targets, "logits")
+    ignore_index = _check_ignore_index(ignore_index)
     _check_reduction(reduction)
     eps = _check_label_smoothing(label_smoothing)
     n_rows, n_classes = x.shape
+    if n_rows == 0 or n_classes == 0:
+        raise ValueError(
+            "logits must have N >= 1 rows and C >= 1 classes; "
+            f"got shape {x.shape}"
+        )
+    kept = y[y != ignore_index]
+    if kept.size and (kept.min() < 0 or kept.max() >= n_classes):
+        bad = kept.min() if kept.min() < 0 else kept.max()
+        raise ValueError(
+            f"targets must lie in [0, {n_classes}) or equal "
+            f"ignore_index={ignore_index}; found {bad}"
+        )
     w = (
         np.ones(n_classes) if weight is None
         else np.asarray(weight, dtype=np.float64)
     )
+    if w.shape != (n_classes,):
+        raise ValueError(
+            f"weight must have shape (C,) = ({n_classes},); got shape {w.shape}"
+        )
     logp = _reference.log_softmax(x)
     per_row = np.zeros(n_rows)
     denominator = 0.0
@@ -892,40 +935,23 @@ def compare_implementations(
     return pd.DataFrame.from_records(records).set_index("implementation")
 
 
-def format_difference(value: float) -> str:
-    """A difference for display, stable under last-bit rounding changes.
-
-    Rounding noise (below ``1e-3``) is shown as a power-of-ten bound, e.g.
-    ``"< 1e-06"``; exact zeros as ``"0"``; larger values with 4 decimals;
-    ``nan`` and ``inf`` as such.
-    """
-    value = float(value)
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    if value < 0:
-        raise ValueError(
-            f"value must be a non-negative difference; got {value}"
-        )
-    if value == 0.0:
-        return "0"
-    if value < 1e-3:
-        return f"< 1e{math.floor(math.log10(value)) + 1:03d}"
-    return f"{value:.4f}"
-
-
-def format_comparison(table: Any) -> Any:
+def format_comparison(table: Any, threshold: float = 1e-4) -> Any:
     """:func:`compare_implementations`' table with display-stable strings.
 
     Args:
         table: the ``pandas.DataFrame`` that
             :func:`compare_implementations` returns.
+        threshold: differences below it are shown as the bound
+            ``"< 1e-4"`` (:func:`companion.display.bound`), the same on
+            every machine; float32 rows differ from the float64 reference
+            by rounding noise far below the default.
 
     Returns:
-        A copy whose ``mean loss`` has 4 decimals and whose difference
-        columns go through :func:`format_difference`.
+        A copy whose ``mean loss`` has 5 significant digits and whose
+        difference columns go through :func:`companion.display.bound`.
     """
     shown = table.copy()
-    shown["mean loss"] = [f"{v:.4f}" for v in table["mean loss"]]
+    shown["mean loss"] = [f"{v:.5g}" for v in table["mean loss"]]
     for column in ("|mean - ref|", "max |row - ref|"):
-        shown[column] = [format_difference(v) for v in table[column]]
+        shown[column] = [bound(v, threshold) for v in table[column]]
     return shown
