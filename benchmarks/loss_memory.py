@@ -15,8 +15,8 @@ Results go to ``benchmarks/results/loss_memory_<device>[_quick].json`` and
 stderr.
 
 What is measured, for each configuration and each variant (see
-``companion.chunked_loss.LOSS_VARIANTS``), in a fresh Python process so that
-no variant inherits another's allocator state:
+``companion.experiments.loss_memory.LOSS_VARIANTS``), in a fresh Python
+process so that no variant inherits another's allocator state:
 
 * peak memory of one forward + backward pass, beyond the inputs.  On CPU:
   the growth of the process's resident set, ``VmHWM`` after the pass minus
@@ -28,13 +28,13 @@ no variant inherits another's allocator state:
   lazy imports) are paid first on an 8-token problem, so that no variant is
   charged for them; the measured pass is the first full-size one.  The same
   pass also counts the bytes of tensors alive at once, exactly
-  (``companion.chunked_loss.TensorMemoryTracker``): the memory the loss
+  (``companion.memory.TensorMemoryTracker``): the memory the loss
   needs, without what the C library's or CUDA's allocator keeps in reserve.
 * median wall time of ``--repeats`` (>= 3) further forward + backward passes,
   and their median CPU time.
 
 A configuration whose first-principles estimate
-(``companion.chunked_loss.estimate_peak_bytes``) plus inputs does not fit in
+(``companion.memory.estimate_peak_bytes``) plus inputs does not fit in
 the memory available (``MemAvailable``, capped at ``--memory-limit-gib``) is
 not run: its record has status ``not_run``, the estimated need
 (``needed_bytes``) and the budget (``budget_bytes``), and no measurement.
@@ -121,7 +121,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from companion.chunked_loss import CHUNKED_VARIANTS, LOSS_VARIANTS, TensorMemoryTracker
+    from companion.experiments.loss_memory import CHUNKED_VARIANTS, LOSS_VARIANTS
+    from companion.memory import TensorMemoryTracker
 
     device = torch.device(args.device)
     loss_fn = LOSS_VARIANTS[args.variant]
@@ -317,7 +318,8 @@ def write_results(payload: dict[str, Any], directory: Path, stem: str) -> tuple[
 
 
 def run_parent(args: argparse.Namespace) -> None:
-    from companion.chunked_loss import LOSS_VARIANTS, estimate_peak_bytes
+    from companion.experiments.loss_memory import LOSS_VARIANTS
+    from companion.memory import estimate_peak_bytes
 
     times = QUICK_TIMES if args.quick else FULL_TIMES
     vocabs = QUICK_VOCABS if args.quick else FULL_VOCABS
@@ -386,7 +388,7 @@ def run_parent(args: argparse.Namespace) -> None:
             "with VmHWM reset by writing 5 to /proc/self/clear_refs just before the pass"
         ),
         "tensor_memory_method": "peak bytes of tensor storage alive at once during the same "
-        "pass, counted operator by operator (companion.chunked_loss.TensorMemoryTracker)",
+        "pass, counted operator by operator (companion.memory.TensorMemoryTracker)",
         "time_method": f"median wall time (time.perf_counter) of {args.repeats} forward+backward "
         "passes, after one untimed pass",
         "memory_budget_bytes": budget,

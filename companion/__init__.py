@@ -1,5 +1,18 @@
 """Companion package of *How Language Models Compute Their Training Loss*.
 
+Two layers.  The library, the modules directly in this package, is what a
+reader would copy into a training loop: the causal-LM losses and the count
+of scored targets (:mod:`~companion.causal_lm_loss`), the shift and flatten
+(:mod:`~companion.shapes`), cross-entropy from scratch
+(:mod:`~companion.cross_entropy`), the chunked loss
+(:mod:`~companion.chunked_loss`), the loss of a micro-batch under gradient
+accumulation and data parallelism (:mod:`~companion.accumulation`), the
+fixed Keras loss and corpus metrics (:mod:`~companion.keras_loss`), memory
+measurement (:mod:`~companion.memory`) and the float64 references
+(:mod:`~companion.reference`).  The book's experiments
+(:mod:`companion.experiments`) and figures (:mod:`companion.plots`) import
+the library, never the reverse.
+
 Importing :mod:`companion` first quietens TensorFlow's C++ logging: the two
 variables below are read once, when TensorFlow is first imported, so they
 must be set before any ``import tensorflow``.  It also silences tqdm's

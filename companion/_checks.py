@@ -55,6 +55,26 @@ def require_floating(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must have a floating-point dtype; got {tensor.dtype}")
 
 
+def require_class_axis(tensor: Any, name: str) -> torch.Tensor:
+    """Return ``tensor`` if it is a float tensor ``(..., C)`` with ``C >= 1``.
+
+    Raises ``TypeError`` for a non-tensor or a non-float dtype,
+    ``ValueError`` for a 0-D tensor or ``C = 0``.
+    """
+    require_tensor(tensor, name)
+    require_floating(tensor, name)
+    if tensor.dim() == 0:
+        raise ValueError(
+            f"{name} must have a class axis (shape (..., C)); got a 0-D tensor"
+        )
+    if tensor.size(-1) == 0:
+        raise ValueError(
+            f"{name} must have at least one class (shape (..., C), C >= 1); "
+            f"got shape {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
 def require_integer(tensor: torch.Tensor, name: str) -> None:
     """Raise ``TypeError`` unless ``tensor`` holds integers (class indices).
 
@@ -167,6 +187,31 @@ def require_real_number(value: Any, name: str) -> float:
     return float(value)
 
 
+def require_one_of(value: Any, allowed: Sequence[Any], name: str) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else raise ``ValueError``.
+
+    Used for string options such as ``reduction``.
+    """
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
+    return value
+
+
+def require_label_smoothing(value: Any, name: str = "label_smoothing") -> float:
+    """Return ``value`` as a ``float`` in ``[0, 1]``.
+
+    Raises ``TypeError`` unless it is an ``int`` or ``float`` (not ``bool``),
+    ``ValueError`` outside ``[0, 1]`` (``nan`` included).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a float in [0, 1]; got {type(value).__name__}"
+        )
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; got {value}")
+    return float(value)
+
+
 def require_num_items(
     value: Any, name: str = "num_items_in_batch"
 ) -> int | torch.Tensor | None:
@@ -237,6 +282,26 @@ def require_rows_and_targets(
             f"got shape {y.shape}"
         )
     return x, y
+
+
+def require_sequence(value: Any, name: str, expected: str) -> Sequence[Any]:
+    """Return ``value`` if it is a sequence (a list, a tuple), not a string.
+
+    ``expected`` completes the ``TypeError`` message
+    ``"{name} must be {expected}; got ..."``, e.g. ``"a sequence of ints"``.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be {expected}; got {type(value).__name__}")
+    return value
+
+
+def require_positive_ints(values: Any, name: str) -> list[int]:
+    """Return ``values`` as a list of ``int >= 1``; errors name the item."""
+    require_sequence(values, name, "a sequence of ints")
+    return [
+        require_positive_int(value, f"{name}[{index}]")
+        for index, value in enumerate(values)
+    ]
 
 
 def require_nonempty_lists(value: Sequence[Any], name: str, what: str) -> None:

@@ -1,22 +1,31 @@
-"""Three ways to compute the next-token loss of a causal language model.
+"""The next-token loss of a causal language model, and the count it divides by.
 
-All three pair the logits at position ``t`` with the label at ``t + 1`` and
-average ``-log softmax`` over the pairs whose label is not ``ignore_index``:
+Every loss here pairs the logits at position ``t`` with the label at
+``t + 1`` and averages ``-log softmax`` over the pairs whose label is not
+``ignore_index``:
 
 * :func:`shift_and_slice_loss`: drop the last logit row and the first label,
-  flatten, ``nn.CrossEntropyLoss()`` with its defaults.  This is how LLaVA's
-  code read when no ``attention_mask`` was involved.
+  flatten, cross-entropy.  This is how LLaVA's code read when no
+  ``attention_mask`` was involved.
 * :func:`label_padding_loss`: keep every logit row, append one
-  ``ignore_index`` to each row of labels and shift the labels only; optionally
-  divide the summed loss by ``num_items_in_batch``.  This is
-  ``ForCausalLMLoss`` of transformers 5.
+  ``ignore_index`` to each row of labels and shift the labels only
+  (:func:`shift_labels_with_padding`).  This is ``ForCausalLMLoss`` of
+  transformers 5.
 * :func:`attention_mask_filter_loss`: before the flattening, keep only the
   pairs whose *target* position has ``attention_mask != 0``.  This is what
   LLaVA did up to transformers 4.51 (quoted as in 4.45) when an
   ``attention_mask`` was passed.
 
-The first two give the same number for every input; the third agrees with
-them exactly when every padded target position is already ``ignore_index``.
+The first two give the same number for every input, and both take
+``num_items_in_batch``: given, the summed loss is divided by it instead of
+by the pairs of this batch, so that micro-batches can share one
+denominator (see :mod:`companion.accumulation`).  The third agrees with
+them exactly when every padded target position is already
+``ignore_index``.  :func:`count_scored_targets` is the one rule for that
+denominator: the targets of a batch, ``labels[:, 1:] != ignore_index``.
+:func:`token_losses` gives the loss of every pair, and
+:func:`unshifted_token_loss` the loss of an encoder-decoder model, whose
+logits are already aligned with its labels.
 
 Rules shared by every loss here and by the chunked formulations of
 :mod:`companion.chunked_loss`:
@@ -44,6 +53,7 @@ from companion import IGNORE_INDEX
 from companion._checks import (
     require_class_indices,
     require_ignore_index,
+    require_integer,
     require_labels_in_range,
     require_leading_dims,
     require_num_items,
@@ -52,8 +62,23 @@ from companion._checks import (
 )
 from companion.shapes import check_logits_and_labels, flatten_for_cross_entropy
 
+__all__ = [
+    "HALF_DTYPES",
+    "NumItems",
+    "attention_mask_filter_loss",
+    "count_scored_targets",
+    "label_padding_loss",
+    "shift_and_slice_loss",
+    "shift_labels_with_padding",
+    "token_losses",
+    "unshifted_token_loss",
+]
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """Logit dtypes every loss here upcasts to float32 before reducing."""
+
+NumItems = int | torch.Tensor | None
+"""``num_items_in_batch``: ``None``, an ``int >= 1`` or a 0-D integer tensor."""
 
 
 def _check_loss_inputs(
@@ -71,9 +96,7 @@ def _check_loss_inputs(
     return labels
 
 
-def _check_num_items(
-    num_items_in_batch: int | torch.Tensor | None,
-) -> int | torch.Tensor | None:
+def _check_num_items(num_items_in_batch: NumItems) -> NumItems:
     """Accept ``None``, an ``int >= 1`` or a 0-D integer tensor holding one."""
     return require_num_items(num_items_in_batch, "num_items_in_batch")
 
@@ -83,15 +106,45 @@ def _upcast_half(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in HALF_DTYPES else logits
 
 
-def _no_pair_loss(logits: torch.Tensor) -> torch.Tensor:
-    """The mean over no pair (``T = 1``): ``nan``, attached to ``logits``.
+def _reduce(
+    flat_logits: torch.Tensor,
+    flat_labels: torch.Tensor,
+    num_items_in_batch: NumItems,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Cross-entropy of ``(N, V)`` rows against ``(N,)`` targets, reduced.
 
-    ``cross_entropy`` of zero rows, exactly what the shifted slices of a
-    ``T = 1`` batch give in PyTorch and transformers; its gradient is 0.
+    The mean over kept rows, or, with ``num_items_in_batch``, their sum
+    divided by it: transformers' ``fixed_cross_entropy``.
     """
-    no_rows = logits[:, :0].reshape(0, logits.size(-1))
-    no_labels = torch.zeros(0, dtype=torch.long, device=logits.device)
-    return nn.functional.cross_entropy(no_rows, no_labels)
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(
+            flat_logits, flat_labels, ignore_index=ignore_index
+        )
+    total = nn.functional.cross_entropy(
+        flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum"
+    )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _aligned_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of ``logits[b, t]`` ``(B, T, V)`` against ``targets[b, t]``.
+
+    ``reduction="none"`` gives ``(B*T,)``, 0 where the target is ignored.
+    """
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1).to(logits.device),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
 
 
 def count_scored_targets(
@@ -115,10 +168,34 @@ def count_scored_targets(
     return int((labels[:, 1:] != ignore_index).sum())
 
 
+def shift_labels_with_padding(
+    labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """The targets ``ForCausalLMLoss`` scores: labels padded, shifted left.
+
+    Position ``t`` is scored against ``labels[:, t + 1]``; the last position
+    has no next token, so it gets ``ignore_index``.
+
+    Args:
+        labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
+        ignore_index: the value padded in, an ``int``.
+
+    Returns:
+        ``(B, T)`` int64.
+    """
+    ignore_index = require_ignore_index(ignore_index)
+    require_tensor(labels, "labels")
+    require_rank(labels, 2, "labels", "(B, T)")
+    require_integer(labels, "labels")
+    padded = nn.functional.pad(labels.long(), (0, 1), value=ignore_index)
+    return padded[:, 1:].contiguous()
+
+
 def shift_and_slice_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
+    num_items_in_batch: NumItems = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """The loss as LLaVA's source wrote it: slice, flatten, cross-entropy.
@@ -129,36 +206,45 @@ def shift_and_slice_loss(
             precision; every loss of the package follows transformers).
         labels: ``(B, T)`` of any integer dtype, in ``[0, V)``,
             ``ignore_index`` (default ``-100``) = ignored.
+        num_items_in_batch: ``None`` for the mean over kept pairs; else an
+            ``int >= 1`` or a 0-D integer tensor ``>= 1``: the summed loss
+            is divided by it, as in :func:`label_padding_loss`.
         ignore_index: label value that contributes nothing (an ``int``).
 
     Returns:
         0-D tensor, float32 for half-precision ``logits``, else of
         ``logits``' dtype: the mean of ``-log p(labels[b, t+1])`` over the
-        ``B*(T-1)`` pairs whose label is kept; ``nan`` if none is (for
-        ``T = 1`` there is no pair at all).
+        ``B*(T-1)`` pairs whose label is kept (``nan`` if none is; for
+        ``T = 1`` there is no pair at all), or the sum divided by
+        ``num_items_in_batch``.
     """
     labels = _check_loss_inputs(logits, labels, ignore_index)
+    num_items_in_batch = _check_num_items(num_items_in_batch)
     logits = _upcast_half(logits)
     if logits.size(1) == 1:
-        return _no_pair_loss(logits)
-    flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
-    loss = nn.CrossEntropyLoss(ignore_index=ignore_index)
-    return loss(flat_logits, flat_labels)
+        # No pair: cross_entropy of zero rows, as the slices of a T = 1
+        # batch give in PyTorch and transformers (its gradient is 0).
+        flat_logits = logits[:, :0].reshape(0, logits.size(-1))
+        flat_labels = labels.new_zeros(0).to(logits.device)
+    else:
+        flat_logits, flat_labels = flatten_for_cross_entropy(logits, labels)
+    return _reduce(flat_logits, flat_labels, num_items_in_batch, ignore_index)
 
 
 def label_padding_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    num_items_in_batch: int | torch.Tensor | None = None,
+    num_items_in_batch: NumItems = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """The loss as ``ForCausalLMLoss`` computes it: pad and shift the labels.
 
     Appending one ``ignore_index`` to every row of ``labels`` and dropping the
-    first column gives ``(B, T)`` targets aligned with all ``T`` logit rows;
-    the last row of each sequence meets the appended ``ignore_index`` and
-    contributes nothing, exactly as if it had been sliced away.
+    first column gives ``(B, T)`` targets aligned with all ``T`` logit rows
+    (:func:`shift_labels_with_padding`); the last row of each sequence meets
+    the appended ``ignore_index`` and contributes nothing, exactly as if it
+    had been sliced away.
 
     Args:
         logits: ``(B, T, V)`` float.  Half precision is upcast to float32
@@ -177,25 +263,39 @@ def label_padding_loss(
         pairs (``nan`` when no pair is kept, e.g. for ``T = 1``).
     """
     labels = _check_loss_inputs(logits, labels, ignore_index)
-    _check_num_items(num_items_in_batch)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    vocab = logits.size(-1)
-    padded_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
-    shift_labels = padded_labels[..., 1:].contiguous()
-    flat_logits = logits.reshape(-1, vocab)
+    num_items_in_batch = _check_num_items(num_items_in_batch)
+    logits = _upcast_half(logits)
+    shift_labels = shift_labels_with_padding(labels, ignore_index)
+    flat_logits = logits.reshape(-1, logits.size(-1))
     flat_labels = shift_labels.view(-1).to(flat_logits.device)
-    if num_items_in_batch is None:
-        return nn.functional.cross_entropy(
-            flat_logits, flat_labels, ignore_index=ignore_index,
-            reduction="mean",
-        )
-    total = nn.functional.cross_entropy(
-        flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum"
+    return _reduce(flat_logits, flat_labels, num_items_in_batch, ignore_index)
+
+
+def token_losses(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Next-token loss of every pair, ``0`` where the target is ignored.
+
+    Args:
+        logits: ``(B, T, V)`` float; half precision is upcast to float32.
+        labels: ``(B, T)`` of any integer dtype, in ``[0, V)``,
+            ``ignore_index`` = ignored.
+        ignore_index: label value that contributes nothing (an ``int``).
+
+    Returns:
+        ``(B, T-1)`` in the loss's dtype: entry ``[b, t]`` is
+        ``-log p(labels[b, t+1] | tokens <= t)``.  Its sum is
+        :func:`label_padding_loss` times :func:`count_scored_targets`.
+    """
+    labels = _check_loss_inputs(logits, labels, ignore_index)
+    shift_labels = shift_labels_with_padding(labels, ignore_index)
+    per_position = _aligned_cross_entropy(
+        _upcast_half(logits), shift_labels, ignore_index, reduction="none"
     )
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return per_position.view(labels.shape)[:, :-1].contiguous()
 
 
 def _check_attention_mask(
@@ -287,9 +387,4 @@ def unshifted_token_loss(
         0-D tensor: mean over kept positions (``nan`` when none is kept).
     """
     labels = _check_loss_inputs(logits, labels, ignore_index)
-    logits = _upcast_half(logits)
-    vocab = logits.size(-1)
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, vocab), labels.reshape(-1),
-        ignore_index=ignore_index,
-    )
+    return _aligned_cross_entropy(_upcast_half(logits), labels, ignore_index)

@@ -3,12 +3,30 @@
 Every fast implementation in the package and every framework call the book
 makes is tested against these.  They loop where a loop is clearer than a
 vectorised trick, and they compute in float64 whatever the input dtype.
+Only :func:`label_smoothed_cross_entropy`, which the book calls on its own,
+checks its arguments.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from companion._checks import (
+    require_ignore_index,
+    require_label_smoothing,
+    require_one_of,
+    require_rows_and_targets,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "causal_lm_loss",
+    "cross_entropy",
+    "label_smoothed_cross_entropy",
+    "log_softmax",
+    "softmax",
+]
 
 IGNORE_INDEX = -100
 
@@ -27,6 +45,19 @@ def log_softmax(logits: ArrayLike) -> np.ndarray:
 def softmax(logits: ArrayLike) -> np.ndarray:
     """Softmax over the last axis, in float64."""
     return np.exp(log_softmax(logits))
+
+
+def _reduce(
+    per_row: np.ndarray, denominator: float, reduction: str
+) -> np.ndarray | float:
+    """``"none"``: the rows; ``"sum"``: their sum; ``"mean"``: sum / denominator."""
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return float(per_row.sum())
+    if reduction == "mean":
+        return float(per_row.sum() / denominator) if denominator else float("nan")
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 
 
 def cross_entropy(
@@ -64,13 +95,7 @@ def cross_entropy(
             continue
         per_row[n] = -w[y[n]] * logp[n, y[n]]
         denominator += w[y[n]]
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return float(per_row.sum())
-    if reduction == "mean":
-        return float(per_row.sum() / denominator) if denominator else float("nan")
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    return _reduce(per_row, denominator, reduction)
 
 
 def causal_lm_loss(
@@ -101,3 +126,71 @@ def causal_lm_loss(
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     return total / count if count else float("nan")
+
+
+def label_smoothed_cross_entropy(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> np.ndarray | float:
+    """Slow float64 NumPy reference for cross-entropy with label smoothing.
+
+    Row ``n`` builds its target distribution
+    ``q = (1 - eps) * onehot(y_n) + eps / C`` and scores
+    ``-sum_c w_c q_c log p_c``; ``"mean"`` divides the sum over kept rows by
+    ``sum_n w[y_n]``.  For ``eps = 0`` it equals
+    :func:`cross_entropy`.
+
+    Args:
+        logits: ``(N, C)`` scores before softmax.
+        targets: ``(N,)`` int class indices; ``ignore_index`` rows are skipped.
+        weight: optional ``(C,)`` per-class weights.
+        ignore_index: target value that contributes nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, 0 on
+            ignored rows).
+        label_smoothing: ``eps`` in ``[0, 1]``.
+
+    Returns:
+        A float (``nan`` for ``"mean"`` when every row is ignored), or an
+        ``(N,)`` array.
+    """
+    x, y = require_rows_and_targets(logits, targets, "logits")
+    ignore_index = require_ignore_index(ignore_index)
+    require_one_of(reduction, ("mean", "sum", "none"), "reduction")
+    eps = require_label_smoothing(label_smoothing)
+    n_rows, n_classes = x.shape
+    if n_rows == 0 or n_classes == 0:
+        raise ValueError(
+            "logits must have N >= 1 rows and C >= 1 classes; "
+            f"got shape {x.shape}"
+        )
+    kept = y[y != ignore_index]
+    if kept.size and (kept.min() < 0 or kept.max() >= n_classes):
+        bad = kept.min() if kept.min() < 0 else kept.max()
+        raise ValueError(
+            f"targets must lie in [0, {n_classes}) or equal "
+            f"ignore_index={ignore_index}; found {bad}"
+        )
+    w = (
+        np.ones(n_classes) if weight is None
+        else np.asarray(weight, dtype=np.float64)
+    )
+    if w.shape != (n_classes,):
+        raise ValueError(
+            f"weight must have shape (C,) = ({n_classes},); got shape {w.shape}"
+        )
+    logp = log_softmax(x)
+    per_row = np.zeros(n_rows)
+    denominator = 0.0
+    for n in range(n_rows):
+        if y[n] == ignore_index:
+            continue
+        q = np.full(n_classes, eps / n_classes)
+        q[y[n]] += 1.0 - eps
+        per_row[n] = -np.sum(w * q * logp[n])
+        denominator += w[y[n]]
+    return _reduce(per_row, denominator, reduction)

@@ -37,12 +37,17 @@ import numpy as np
 import pytest
 import torch
 
-from companion import IGNORE_INDEX
+from companion import IGNORE_INDEX, reference, shapes
 from companion import accumulation as acc
 from companion import causal_lm_loss as clm
 from companion import chunked_loss as chl
 from companion import cross_entropy as ce
-from companion import shapes
+from companion import memory
+from companion.experiments import cross_entropy as ce_exp
+from companion.experiments import denominator as den
+from companion.experiments import loss_memory as lm
+from companion.experiments import shapes as exp_shapes
+from companion.experiments import tiny_models as tm
 
 B, T, V, D = 2, 5, 7, 4
 
@@ -170,7 +175,7 @@ BAD_NUM_ITEMS = {
 
 
 # ---------------------------------------------------------------------------
-# causal_lm_loss, shapes and the accumulation losses: (logits, labels)
+# causal_lm_loss, shapes and the accumulation rule: (logits, labels)
 # ---------------------------------------------------------------------------
 
 ATTENTION_MASK = torch.ones(B, T, dtype=torch.long)
@@ -181,24 +186,21 @@ LOGIT_LOSSES: dict[str, Callable[..., Any]] = {
     "attention_mask_filter_loss": lambda x, y, **kw: clm.attention_mask_filter_loss(x, y, ATTENTION_MASK, **kw),
     "attention_mask_filter_loss[None]": lambda x, y, **kw: clm.attention_mask_filter_loss(x, y, None, **kw),
     "unshifted_token_loss": clm.unshifted_token_loss,
+    "token_losses": clm.token_losses,
+    "accumulation.micro_batch_loss": lambda x, y, **kw: acc.micro_batch_loss(
+        x, y, num_items_in_batch=5, world_size=2, **kw),
 }
 """Losses from logits with an ``ignore_index`` argument."""
-
-FIXED_IGNORE_LOSSES: dict[str, Callable[..., Any]] = {
-    "accumulation.token_loss_sum": acc.token_loss_sum,
-    "accumulation.token_losses": acc.token_losses,
-}
-"""Losses from logits with ``ignore_index`` fixed at -100."""
 
 SHAPE_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "shapes.check_logits_and_labels": shapes.check_logits_and_labels,
     "shapes.shift_for_next_token": shapes.shift_for_next_token,
     "shapes.flatten_for_cross_entropy": shapes.flatten_for_cross_entropy,
-    "shapes.trace_shift_and_flatten": shapes.trace_shift_and_flatten,
+    "experiments.shapes.trace_shift_and_flatten": exp_shapes.trace_shift_and_flatten,
 }
 """Shape functions: no label values are read, so no range check."""
 
-for fname, fn in {**LOGIT_LOSSES, **FIXED_IGNORE_LOSSES, **SHAPE_FUNCTIONS}.items():
+for fname, fn in {**LOGIT_LOSSES, **SHAPE_FUNCTIONS}.items():
     for bad, (make, error) in BAD_LOGITS.items():
         add(f"{fname}-{bad}", lambda fn=fn, make=make: fn(*make()), error=error, name="logits")
     for bad, (make, error) in BAD_LABELS.items():
@@ -208,24 +210,33 @@ for fname, fn in {**LOGIT_LOSSES, **FIXED_IGNORE_LOSSES, **SHAPE_FUNCTIONS}.item
         continue
     for bad, (make, error) in BAD_LABEL_VALUES.items():
         add(f"{fname}-{bad}", lambda fn=fn, make=make: fn(logits(), make()), error=error, name="labels")
-    if fname in FIXED_IGNORE_LOSSES:
-        continue
     add(f"{fname}-label-minus-100-not-ignored",
         lambda fn=fn: fn(logits(), with_label(IGNORE_INDEX), ignore_index=-1), error=ValueError, name="labels")
     for bad, value in BAD_IGNORE_INDEX.items():
         add(f"{fname}-{bad}", lambda fn=fn, value=value: fn(logits(), labels(), ignore_index=value),
             error=TypeError, name="ignore_index")
 
-for bad, (value, error) in BAD_NUM_ITEMS.items():
-    add(f"label_padding_loss-{bad}", clm.label_padding_loss, logits(), labels(),
+for fname in ("label_padding_loss", "shift_and_slice_loss"):
+    for bad, (value, error) in BAD_NUM_ITEMS.items():
+        add(f"{fname}-{bad}", getattr(clm, fname), logits(), labels(),
+            num_items_in_batch=value, error=error, name="num_items_in_batch")
+for bad, (value, error) in {**BAD_NUM_ITEMS, "None": (None, TypeError)}.items():
+    add(f"accumulation.micro_batch_loss-{bad}", acc.micro_batch_loss, logits(), labels(),
         num_items_in_batch=value, error=error, name="num_items_in_batch")
+for bad, (value, error) in {"0": (0, ValueError), "float": (2.0, TypeError), "None": (None, TypeError)}.items():
+    add(f"accumulation.micro_batch_loss-world_size-{bad}", acc.micro_batch_loss, logits(), labels(),
+        num_items_in_batch=3, world_size=value, error=error, name="world_size")
 
 for bad, (make, error) in {**BAD_LABELS, "labels-T1-fine-but-bool": (lambda: labels(t=1) > 0, TypeError)}.items():
     if bad in ("labels-batch-mismatch", "labels-time-mismatch"):
         continue
     add(f"count_scored_targets-{bad}", lambda make=make: clm.count_scored_targets(make()), error=error, name="labels")
-    add(f"accumulation.count_scored_tokens-{bad}", lambda make=make: acc.count_scored_tokens(make()),
+    add(f"accumulation.count_items_in_batch-{bad}", lambda make=make: acc.count_items_in_batch([labels(), make()]),
         error=error, name="labels")
+for bad, (value, error, name) in {"tensor": (labels(), TypeError, "micro_batch_labels"),
+                                  "int": (3, TypeError, "micro_batch_labels"),
+                                  "empty": ([], ValueError, "micro_batch_labels")}.items():
+    add(f"accumulation.count_items_in_batch-{bad}", acc.count_items_in_batch, value, error=error, name=name)
 for bad, value in BAD_IGNORE_INDEX.items():
     add(f"count_scored_targets-{bad}", clm.count_scored_targets, labels(), ignore_index=value,
         error=TypeError, name="ignore_index")
@@ -244,7 +255,7 @@ for bad, value in {
 
 
 # ---------------------------------------------------------------------------
-# shapes: the TensorFlow twin and the size helpers
+# experiments.shapes: the TensorFlow twin and the size helpers
 # ---------------------------------------------------------------------------
 
 for bad, (x, y, error, name) in {
@@ -263,24 +274,26 @@ for bad, (x, y, error, name) in {
     "labels-rank1": (logits().numpy(), labels()[0].numpy(), ValueError, "labels"),
     "labels-time-mismatch": (logits().numpy(), labels(t=T - 1).numpy(), ValueError, "labels"),
 }.items():
-    add(f"shapes.tf_shift_and_flatten-{bad}", shapes.tf_shift_and_flatten, x, y, error=error, name=name)
+    add(f"experiments.shapes.tf_shift_and_flatten-{bad}", exp_shapes.tf_shift_and_flatten, x, y,
+        error=error, name=name)
 
-for fname, fn in {"shapes.slice_is_contiguous": shapes.slice_is_contiguous,
-                  "shapes.logits_nbytes": shapes.logits_nbytes}.items():
+for fname, fn in {"experiments.shapes.slice_is_contiguous": exp_shapes.slice_is_contiguous,
+                  "experiments.shapes.logits_nbytes": exp_shapes.logits_nbytes}.items():
     add(f"{fname}-batch-0", fn, 0, T, V, error=ValueError, name="batch")
     add(f"{fname}-time-float", fn, B, 2.0, V, error=TypeError, name="time")
     add(f"{fname}-vocab-str", fn, B, T, "7", error=TypeError, name="vocab")
     add(f"{fname}-vocab-negative", fn, B, T, -1, error=ValueError, name="vocab")
-add("shapes.logits_nbytes-dtype-str", shapes.logits_nbytes, B, T, V, "float32", error=TypeError, name="dtype")
+add("experiments.shapes.logits_nbytes-dtype-str", exp_shapes.logits_nbytes, B, T, V, "float32",
+    error=TypeError, name="dtype")
 
 
 # ---------------------------------------------------------------------------
-# chunked_loss: (hidden, weight, labels)
+# chunked_loss and the eager benchmark variants: (hidden, weight, labels)
 # ---------------------------------------------------------------------------
 
 CHUNKED: dict[str, Callable[..., Any]] = {
-    "eager_shift_and_slice_loss": chl.eager_shift_and_slice_loss,
-    "eager_label_padding_loss": chl.eager_label_padding_loss,
+    "eager_shift_and_slice_loss": lm.eager_shift_and_slice_loss,
+    "eager_label_padding_loss": lm.eager_label_padding_loss,
     "checkpointed_chunked_loss": chl.checkpointed_chunked_loss,
     "chunked_causal_lm_loss": chl.chunked_causal_lm_loss,
     "check_hidden_weight_labels": chl.check_hidden_weight_labels,
@@ -333,13 +346,23 @@ for fname, fn in CHUNKED.items():
             add(f"{fname}-chunk_size-{bad}", fn, hidden(), weight(), labels(), chunk_size=value,
                 error=error, name="chunk_size")
 
+for bad, (args, kwargs, error, name) in {
+    "variant-unknown": (("fused", B, T, V, D), {}, ValueError, "variant"),
+    "batch-0": (("label_padding", 0, T, V, D), {}, ValueError, "batch"),
+    "time-float": (("label_padding", B, 2.0, V, D), {}, TypeError, "time"),
+    "hidden_size-None": (("chunked_function", B, T, V, None), {}, TypeError, "hidden_size"),
+    "chunk_size-0": (("chunked_function", B, T, V, D), {"chunk_size": 0}, ValueError, "chunk_size"),
+    "element_size-str": (("label_padding", B, T, V, D), {"element_size": "4"}, TypeError, "element_size"),
+}.items():
+    add(f"memory.estimate_peak_bytes-{bad}", memory.estimate_peak_bytes, *args, **kwargs, error=error, name=name)
+
 for bad, (make, error) in BAD_LABELS.items():
     if bad in ("labels-batch-mismatch", "labels-time-mismatch"):
         continue
-    add(f"shift_labels_with_padding-{bad}", lambda make=make: chl.shift_labels_with_padding(make()),
+    add(f"shift_labels_with_padding-{bad}", lambda make=make: clm.shift_labels_with_padding(make()),
         error=error, name="labels")
 for bad, value in BAD_IGNORE_INDEX.items():
-    add(f"shift_labels_with_padding-{bad}", chl.shift_labels_with_padding, labels(), value,
+    add(f"shift_labels_with_padding-{bad}", clm.shift_labels_with_padding, labels(), value,
         error=TypeError, name="ignore_index")
 
 
@@ -367,7 +390,7 @@ def with_target(value: int) -> torch.Tensor:
 FLAT_LOSSES: dict[str, tuple[Callable[..., Any], str]] = {
     "cross_entropy.cross_entropy": (ce.cross_entropy, "logits"),
     "cross_entropy.nll_loss": (ce.nll_loss, "log_probs"),
-    "cross_entropy.naive_cross_entropy": (ce.naive_cross_entropy, "logits"),
+    "experiments.cross_entropy.naive_cross_entropy": (ce_exp.naive_cross_entropy, "logits"),
     "cross_entropy.cross_entropy_grad": (ce.cross_entropy_grad, "logits"),
     "cross_entropy.check_cross_entropy_inputs": (ce.check_cross_entropy_inputs, "logits"),
 }
@@ -408,7 +431,7 @@ for fname, (fn, scores_name) in FLAT_LOSSES.items():
     for bad, value in BAD_IGNORE_INDEX.items():
         add(f"{fname}-{bad}", lambda fn=fn, value=value: fn(rows(), targets(), ignore_index=value),
             error=TypeError, name="ignore_index")
-    if fname == "cross_entropy.naive_cross_entropy":
+    if fname == "experiments.cross_entropy.naive_cross_entropy":
         continue
     for bad, (value, error) in {
         "weight-numpy": (np.ones(C), TypeError),
@@ -431,7 +454,7 @@ add("cross_entropy.cross_entropy_grad-reduction-none", ce.cross_entropy_grad, ro
     reduction="none", error=ValueError, name="reduction")
 
 for fname, fn in {"cross_entropy.log_softmax": ce.log_softmax,
-                  "cross_entropy.naive_log_softmax": ce.naive_log_softmax}.items():
+                  "experiments.cross_entropy.naive_log_softmax": ce_exp.naive_log_softmax}.items():
     for bad, (value, error) in {"numpy": (rows().numpy(), TypeError), "int": (rows().long(), TypeError),
                                 "bool": (rows() > 0, TypeError), "0-D": (torch.tensor(1.0), ValueError),
                                 "C0": (rows(c=0), ValueError)}.items():
@@ -449,7 +472,7 @@ for bad, (x, y, error, name) in {
 }.items():
     add(f"cross_entropy.flatten_class_axis-{bad}", ce.flatten_class_axis, x, y, error=error, name=name)
 
-REF = ce.reference_label_smoothed_cross_entropy
+REF = reference.label_smoothed_cross_entropy
 for bad, (args, kwargs, error, name) in {
     "logits-rank1": ((np.zeros(4), np.zeros(4, int)), {}, ValueError, "logits"),
     "logits-str": (("abc", np.zeros(1, int)), {}, TypeError, "logits"),
@@ -470,15 +493,16 @@ for bad, (args, kwargs, error, name) in {
     "label_smoothing": ((rows().numpy(), targets().numpy()), {"label_smoothing": 2.0}, ValueError,
                         "label_smoothing"),
 }.items():
-    add(f"cross_entropy.reference_label_smoothed_cross_entropy-{bad}", REF, *args, **kwargs,
+    add(f"reference.label_smoothed_cross_entropy-{bad}", REF, *args, **kwargs,
         error=error, name=name)
 
 NUMPY_FRAMEWORK_CALLS: dict[str, Callable[..., Any]] = {
-    "cross_entropy.tf_sparse_softmax_cross_entropy": ce.tf_sparse_softmax_cross_entropy,
-    "cross_entropy.keras_sparse_categorical_crossentropy": functools.partial(
-        ce.keras_sparse_categorical_crossentropy, from_logits=True),
-    "cross_entropy.run_implementation": functools.partial(ce.run_implementation, "torch CrossEntropyLoss"),
-    "cross_entropy.compare_implementations": ce.compare_implementations,
+    "experiments.cross_entropy.tf_sparse_softmax_cross_entropy": ce_exp.tf_sparse_softmax_cross_entropy,
+    "experiments.cross_entropy.keras_sparse_categorical_crossentropy": functools.partial(
+        ce_exp.keras_sparse_categorical_crossentropy, from_logits=True),
+    "experiments.cross_entropy.run_implementation": functools.partial(
+        ce_exp.run_implementation, "torch CrossEntropyLoss"),
+    "experiments.cross_entropy.compare_implementations": ce_exp.compare_implementations,
 }
 for fname, fn in NUMPY_FRAMEWORK_CALLS.items():
     for bad, (x, y, kwargs, error, name) in {
@@ -503,21 +527,21 @@ for fname, fn in NUMPY_FRAMEWORK_CALLS.items():
                               "ignore_index"),
     }.items():
         add(f"{fname}-{bad}", fn, x, y, **kwargs, error=error, name=name)
-add("cross_entropy.keras_sparse_categorical_crossentropy-from_logits-int",
-    ce.keras_sparse_categorical_crossentropy, rows().numpy(), targets().numpy(), from_logits=1,
+add("experiments.cross_entropy.keras_sparse_categorical_crossentropy-from_logits-int",
+    ce_exp.keras_sparse_categorical_crossentropy, rows().numpy(), targets().numpy(), from_logits=1,
     error=TypeError, name="from_logits")
-add("cross_entropy.run_implementation-name-unknown", ce.run_implementation, "torch", rows().numpy(),
-    targets().numpy(), error=ValueError, name="name")
-add("cross_entropy.naive_versus_stable_by_scale-scales-rank2", ce.naive_versus_stable_by_scale,
+add("experiments.cross_entropy.run_implementation-name-unknown", ce_exp.run_implementation, "torch",
+    rows().numpy(), targets().numpy(), error=ValueError, name="name")
+add("experiments.cross_entropy.naive_versus_stable_by_scale-scales-rank2", ce_exp.naive_versus_stable_by_scale,
     np.ones((2, 2)), error=ValueError, name="scales")
-add("cross_entropy.naive_versus_stable_by_scale-dtype-int", ce.naive_versus_stable_by_scale,
+add("experiments.cross_entropy.naive_versus_stable_by_scale-dtype-int", ce_exp.naive_versus_stable_by_scale,
     [1.0], dtype=torch.int64, error=TypeError, name="dtype")
-add("cross_entropy.naive_versus_stable_by_scale-dtype-str", ce.naive_versus_stable_by_scale,
+add("experiments.cross_entropy.naive_versus_stable_by_scale-dtype-str", ce_exp.naive_versus_stable_by_scale,
     [1.0], dtype="float32", error=TypeError, name="dtype")
 
 
 # ---------------------------------------------------------------------------
-# accumulation: lists of sums and counts, batches, models
+# accumulation: lists of sums and counts; experiments.denominator: batches, models
 # ---------------------------------------------------------------------------
 
 for fname, fn in {"accumulation.token_mean": acc.token_mean, "accumulation.mean_of_means": acc.mean_of_means}.items():
@@ -560,16 +584,16 @@ for bad, (value, error, name) in {
 }.items():
     add(f"accumulation.token_weight_factors-{bad}", acc.token_weight_factors, value, error=error, name=name)
 
-TINY = acc.TinyLMConfig(vocab_size=11, hidden_size=8, num_heads=2, max_length=8)
+TINY = tm.TinyLMConfig(vocab_size=11, hidden_size=8, num_heads=2, max_length=8)
 
 
 @functools.lru_cache(maxsize=1)
-def tiny_model() -> acc.TinyCausalLM:
-    return acc.build_tiny_lm(TINY, seed=0)
+def tiny_model() -> tm.TinyCausalLM:
+    return tm.build_tiny_lm(TINY, seed=0)
 
 
 def batch(t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    return acc.make_counting_batch([t, t - 2], vocab_size=TINY.vocab_size, seed=0, total_length=t)
+    return den.make_counting_batch([t, t - 2], vocab_size=TINY.vocab_size, seed=0, total_length=t)
 
 
 BAD_BATCHES = {
@@ -587,10 +611,10 @@ BAD_BATCHES = {
     "input_ids-too-long": (lambda: batch(t=TINY.max_length + 1), ValueError, "input_ids"),
 }
 STEPS: dict[str, Callable[..., Any]] = {
-    "accumulation.full_batch_step": lambda ids, lab: acc.full_batch_step(tiny_model(), ids, lab),
-    "accumulation.accumulation_step": lambda ids, lab: acc.accumulation_step(
+    "experiments.denominator.full_batch_step": lambda ids, lab: den.full_batch_step(tiny_model(), ids, lab),
+    "experiments.denominator.accumulation_step": lambda ids, lab: den.accumulation_step(
         tiny_model(), ids, lab, [1, 1], "token_mean"),
-    "accumulation.data_parallel_accumulation_step": lambda ids, lab: acc.data_parallel_accumulation_step(
+    "experiments.denominator.data_parallel_accumulation_step": lambda ids, lab: den.data_parallel_accumulation_step(
         tiny_model(), ids, lab, [[1], [1]], "global"),
 }
 for fname, fn in STEPS.items():
@@ -598,16 +622,16 @@ for fname, fn in STEPS.items():
         add(f"{fname}-{bad}", lambda fn=fn, make=make: fn(*make()), error=error, name=name)
 for bad, (make, error, name) in BAD_BATCHES.items():
     if name == "input_ids" and bad != "input_ids-T1":  # one token is a valid model input
-        add(f"accumulation.TinyCausalLM.forward-{bad}", lambda make=make: tiny_model()(make()[0]),
+        add(f"experiments.tiny_models.TinyCausalLM.forward-{bad}", lambda make=make: tiny_model()(make()[0]),
             error=error, name=name)
 for fname, fn in {
-    "accumulation.full_batch_step": lambda m: acc.full_batch_step(m, *batch()),
-    "accumulation.accumulation_step": lambda m: acc.accumulation_step(m, *batch(), [1, 1], "token_mean"),
-    "accumulation.data_parallel_accumulation_step": lambda m: acc.data_parallel_accumulation_step(
+    "experiments.denominator.full_batch_step": lambda m: den.full_batch_step(m, *batch()),
+    "experiments.denominator.accumulation_step": lambda m: den.accumulation_step(m, *batch(), [1, 1], "token_mean"),
+    "experiments.denominator.data_parallel_accumulation_step": lambda m: den.data_parallel_accumulation_step(
         m, *batch(), [[1], [1]], "global"),
-    "accumulation.naive_error_by_imbalance": lambda m: acc.naive_error_by_imbalance(
+    "experiments.denominator.naive_error_by_imbalance": lambda m: den.naive_error_by_imbalance(
         m, [1], vocab_size=TINY.vocab_size),
-    "accumulation.warm_up": lambda m: acc.warm_up(m, steps=1),
+    "experiments.denominator.warm_up": lambda m: den.warm_up(m, steps=1),
 }.items():
     add(f"{fname}-model-None", fn, None, error=TypeError, name="model")
     add(f"{fname}-model-function", fn, lambda ids: ids, error=TypeError, name="model")
@@ -617,19 +641,19 @@ for bad, (rows_, error, name) in {
     "item-0": ([0, 2], ValueError, "micro_batch_rows[0]"),
     "item-float": ([1.0, 1], TypeError, "micro_batch_rows[0]"),
 }.items():
-    add(f"accumulation.split_rows-micro_batch_rows-{bad}", lambda r=rows_: acc.split_rows(*batch(), r),
+    add(f"experiments.denominator.split_rows-micro_batch_rows-{bad}", lambda r=rows_: den.split_rows(*batch(), r),
         error=error, name=name)
-add("accumulation.accumulation_step-reduction", lambda: acc.accumulation_step(
+add("experiments.denominator.accumulation_step-reduction", lambda: den.accumulation_step(
     tiny_model(), *batch(), [1, 1], "mean"), error=ValueError, name="reduction")
-add("accumulation.data_parallel_accumulation_step-count", lambda: acc.data_parallel_accumulation_step(
+add("experiments.denominator.data_parallel_accumulation_step-count", lambda: den.data_parallel_accumulation_step(
     tiny_model(), *batch(), [[1], [1]], "local"), error=ValueError, name="count")
 for bad, (value, error, name) in {
     "str": ("ab", TypeError, "rank_micro_batch_rows"),
     "empty-rank": ([[2], []], ValueError, "rank_micro_batch_rows[1]"),
     "int-rank": ([[1], 1], ValueError, "rank_micro_batch_rows[1]"),
 }.items():
-    add(f"accumulation.data_parallel_accumulation_step-rank_micro_batch_rows-{bad}",
-        lambda v=value: acc.data_parallel_accumulation_step(tiny_model(), *batch(), v, "global"),
+    add(f"experiments.denominator.data_parallel_accumulation_step-rank_micro_batch_rows-{bad}",
+        lambda v=value: den.data_parallel_accumulation_step(tiny_model(), *batch(), v, "global"),
         error=error, name=name)
 for bad, (x, ref, error, name) in {
     "result-numpy": (np.ones(3), torch.ones(3), TypeError, "result"),
@@ -639,7 +663,7 @@ for bad, (x, ref, error, name) in {
     "shape-mismatch": (torch.ones(2), torch.ones(3), ValueError, "result"),
     "reference-zero": (torch.ones(3), torch.zeros(3), ValueError, "reference"),
 }.items():
-    add(f"accumulation.relative_difference-{bad}", acc.relative_difference, x, ref, error=error, name=name)
+    add(f"experiments.denominator.relative_difference-{bad}", den.relative_difference, x, ref, error=error, name=name)
 for bad, (args, kwargs, error, name) in {
     "lengths-empty": (([],), {"vocab_size": 5, "seed": 0}, ValueError, "lengths"),
     "lengths-int": ((3,), {"vocab_size": 5, "seed": 0}, ValueError, "lengths"),
@@ -652,7 +676,7 @@ for bad, (args, kwargs, error, name) in {
     "total_length-short": (([4],), {"vocab_size": 5, "seed": 0, "total_length": 3}, ValueError,
                            "total_length"),
 }.items():
-    add(f"accumulation.make_counting_batch-{bad}", acc.make_counting_batch, *args, **kwargs,
+    add(f"experiments.denominator.make_counting_batch-{bad}", den.make_counting_batch, *args, **kwargs,
         error=error, name=name)
 for bad, (kwargs, error, name) in {
     "token_ratios-int": ({"token_ratios": 3}, TypeError, "token_ratios"),
@@ -661,8 +685,8 @@ for bad, (kwargs, error, name) in {
     "short_tokens-0": ({"token_ratios": [1], "short_tokens": 0}, ValueError, "short_tokens"),
     "seed-float": ({"token_ratios": [1], "seed": 1.5}, TypeError, "seed"),
 }.items():
-    add(f"accumulation.naive_error_by_imbalance-{bad}",
-        lambda kw=kwargs: acc.naive_error_by_imbalance(tiny_model(), vocab_size=TINY.vocab_size, **kw),
+    add(f"experiments.denominator.naive_error_by_imbalance-{bad}",
+        lambda kw=kwargs: den.naive_error_by_imbalance(tiny_model(), vocab_size=TINY.vocab_size, **kw),
         error=error, name=name)
 for bad, (kwargs, error, name) in {
     "steps-0": ({"steps": 0}, ValueError, "steps"),
@@ -674,14 +698,15 @@ for bad, (kwargs, error, name) in {
     "learning_rate-nan": ({"learning_rate": math.nan}, ValueError, "learning_rate"),
     "seed-None": ({"seed": None}, TypeError, "seed"),
 }.items():
-    add(f"accumulation.warm_up-{bad}", lambda kw=kwargs: acc.warm_up(tiny_model(), **kw), error=error, name=name)
+    add(f"experiments.denominator.warm_up-{bad}", lambda kw=kwargs: den.warm_up(tiny_model(), **kw), error=error, name=name)
 
 
 # ---------------------------------------------------------------------------
 # Keras: the fixed loss and the corpus metrics, called directly
 # ---------------------------------------------------------------------------
 
-km = pytest.importorskip("companion.keras_masking")
+keras_loss = pytest.importorskip("companion.keras_loss")
+km = pytest.importorskip("companion.experiments.keras_masking")
 tf = pytest.importorskip("tensorflow")
 
 KERAS_LABELS = np.array([[1, 2, 3, 0], [4, 1, 0, 0]], dtype=np.int32)
@@ -695,16 +720,16 @@ def keras_labels(value: float, dtype: Any = np.int32) -> np.ndarray:
 
 
 KERAS_OBJECTS: dict[str, Callable[[], Any]] = {
-    "MaskedSparseCrossEntropy": km.MaskedSparseCrossEntropy,
-    "LegacyMaskedSparseCrossEntropy": km.LegacyMaskedSparseCrossEntropy,
-    "fixed_loss(keras)": lambda: km.fixed_loss("keras"),
-    "fixed_loss(tf_keras)": lambda: km.fixed_loss("tf_keras"),
-    "CorpusCrossEntropy": km.CorpusCrossEntropy,
-    "CorpusPerplexity": km.CorpusPerplexity,
-    "LegacyCorpusCrossEntropy": km.LegacyCorpusCrossEntropy,
-    "LegacyCorpusPerplexity": km.LegacyCorpusPerplexity,
-    "corpus_metrics(keras)[0]": lambda: km.corpus_metrics("keras")[0],
-    "corpus_metrics(tf_keras)[1]": lambda: km.corpus_metrics("tf_keras")[1],
+    "MaskedSparseCrossEntropy": keras_loss.MaskedSparseCrossEntropy,
+    "LegacyMaskedSparseCrossEntropy": keras_loss.LegacyMaskedSparseCrossEntropy,
+    "fixed_loss(keras)": lambda: keras_loss.fixed_loss("keras"),
+    "fixed_loss(tf_keras)": lambda: keras_loss.fixed_loss("tf_keras"),
+    "CorpusCrossEntropy": keras_loss.CorpusCrossEntropy,
+    "CorpusPerplexity": keras_loss.CorpusPerplexity,
+    "LegacyCorpusCrossEntropy": keras_loss.LegacyCorpusCrossEntropy,
+    "LegacyCorpusPerplexity": keras_loss.LegacyCorpusPerplexity,
+    "corpus_metrics(keras)[0]": lambda: keras_loss.corpus_metrics("keras")[0],
+    "corpus_metrics(tf_keras)[1]": lambda: keras_loss.corpus_metrics("tf_keras")[1],
 }
 
 
@@ -760,12 +785,12 @@ for oname, make in KERAS_OBJECTS.items():
             continue
         add(f"keras.{oname}-{bad}", keras_call, shared, y_true, y_pred, sample_weight, error=error, name=name)
 
-for cname, cls in {"MaskedSparseCrossEntropy": km.MaskedSparseCrossEntropy,
-                   "LegacyMaskedSparseCrossEntropy": km.LegacyMaskedSparseCrossEntropy,
-                   "CorpusCrossEntropy": km.CorpusCrossEntropy,
-                   "CorpusPerplexity": km.CorpusPerplexity,
-                   "LegacyCorpusCrossEntropy": km.LegacyCorpusCrossEntropy,
-                   "LegacyCorpusPerplexity": km.LegacyCorpusPerplexity}.items():
+for cname, cls in {"MaskedSparseCrossEntropy": keras_loss.MaskedSparseCrossEntropy,
+                   "LegacyMaskedSparseCrossEntropy": keras_loss.LegacyMaskedSparseCrossEntropy,
+                   "CorpusCrossEntropy": keras_loss.CorpusCrossEntropy,
+                   "CorpusPerplexity": keras_loss.CorpusPerplexity,
+                   "LegacyCorpusCrossEntropy": keras_loss.LegacyCorpusCrossEntropy,
+                   "LegacyCorpusPerplexity": keras_loss.LegacyCorpusPerplexity}.items():
     for bad, (kwargs, error, name) in {
         "padding_id-None": ({"padding_id": None}, TypeError, "padding_id"),
         "padding_id-float": ({"padding_id": 0.0}, TypeError, "padding_id"),
@@ -774,7 +799,7 @@ for cname, cls in {"MaskedSparseCrossEntropy": km.MaskedSparseCrossEntropy,
         "from_logits-str": ({"from_logits": "yes"}, TypeError, "from_logits"),
     }.items():
         add(f"keras.{cname}()-{bad}", cls, **kwargs, error=error, name=name)
-for fname, fn in {"fixed_loss": km.fixed_loss, "corpus_metrics": km.corpus_metrics}.items():
+for fname, fn in {"fixed_loss": keras_loss.fixed_loss, "corpus_metrics": keras_loss.corpus_metrics}.items():
     add(f"keras.{fname}-framework-unknown", fn, "pytorch", error=ValueError, name="framework")
     add(f"keras.{fname}-padding_id-float", fn, "keras", 0.5, error=TypeError, name="padding_id")
     add(f"keras.{fname}-padding_id-None", fn, "tf_keras", None, error=TypeError, name="padding_id")
@@ -802,13 +827,13 @@ for bad, (args, error, name) in {
 
 def keras_fit(framework: str, method: str, y: np.ndarray, metrics_only: bool = False) -> Any:
     """The toy compiled with the fixed loss (or only the corpus metrics)."""
-    K = km.keras_api(framework)
+    K = keras_loss.keras_api(framework)
     km.quiet_retracing_warnings()
     model = km.build_toy_model(framework, km.uniform_logits(5))
     # metrics_only: a loss that never reads the labels, so the metrics meet them first
-    loss = (lambda y_true, y_pred: tf.reduce_mean(y_pred) * 0.0) if metrics_only else km.fixed_loss(framework)
+    loss = (lambda y_true, y_pred: tf.reduce_mean(y_pred) * 0.0) if metrics_only else keras_loss.fixed_loss(framework)
     model.compile(optimizer=K.optimizers.SGD(learning_rate=0.0), loss=loss,
-                  weighted_metrics=km.corpus_metrics(framework))
+                  weighted_metrics=keras_loss.corpus_metrics(framework))
     x = np.array([[1, 2, 3, 0], [4, 1, 0, 0]], dtype=np.int32)
     if method == "fit":
         return model.fit(x, y, epochs=1, verbose=0)
@@ -816,7 +841,7 @@ def keras_fit(framework: str, method: str, y: np.ndarray, metrics_only: bool = F
 
 
 GRAPH_ERRORS = (ValueError, tf.errors.InvalidArgumentError)
-for framework in km.FRAMEWORKS:
+for framework in keras_loss.FRAMEWORKS:
     for method in ("fit", "evaluate"):
         for bad, y in {
             "label-equal-C": keras_labels(5),
@@ -875,7 +900,7 @@ def test_bad_input_raises_a_clear_error_naming_the_argument(case: Case):
 _TORCH_BACKEND_SCRIPT = """
 import json, math
 import numpy as np
-from companion import keras_masking as km
+from companion import keras_loss
 
 labels = np.array([[1, 2, 0]], np.int32)
 logits = np.zeros((1, 3, 4), np.float32)
@@ -896,7 +921,7 @@ cases = {
 }
 out = {}
 for name, (y, p, w) in cases.items():
-    for cls in (km.MaskedSparseCrossEntropy, km.CorpusCrossEntropy):
+    for cls in (keras_loss.MaskedSparseCrossEntropy, keras_loss.CorpusCrossEntropy):
         obj = cls(from_logits=True)
         try:
             if hasattr(obj, "update_state"):
@@ -953,13 +978,13 @@ def _from_logits(function: Callable[..., Any], takes_num_items: bool) -> Callabl
 
 
 FORMULATIONS: dict[str, tuple[Callable[..., Any], bool]] = {
-    "shift_and_slice_loss": (_from_logits(clm.shift_and_slice_loss, False), False),
+    "shift_and_slice_loss": (_from_logits(clm.shift_and_slice_loss, True), True),
     "label_padding_loss": (_from_logits(clm.label_padding_loss, True), True),
     "attention_mask_filter_loss": (
         _from_logits(lambda x, y, **kw: clm.attention_mask_filter_loss(
             x, y, torch.ones(y.shape, dtype=torch.long), **kw), False), False),
-    "eager_shift_and_slice_loss": (chl.eager_shift_and_slice_loss, True),
-    "eager_label_padding_loss": (chl.eager_label_padding_loss, True),
+    "eager_shift_and_slice_loss": (lm.eager_shift_and_slice_loss, True),
+    "eager_label_padding_loss": (lm.eager_label_padding_loss, True),
     "checkpointed_chunked_loss": (functools.partial(chl.checkpointed_chunked_loss, chunk_size=3), True),
     "chunked_causal_lm_loss": (functools.partial(chl.chunked_causal_lm_loss, chunk_size=3), True),
 }
@@ -1033,12 +1058,14 @@ def test_every_integer_dtype_works_in_the_other_entry_points(dtype):
     assert torch.equal(ce.cross_entropy_grad(rows(), long_targets.to(dtype)),
                        ce.cross_entropy_grad(rows(), long_targets))
     assert ce.flatten_class_axis(x.transpose(1, 2), y.to(dtype))[1].dtype == torch.int64
-    assert acc.token_loss_sum(x, y.to(dtype)).item() == pytest.approx(acc.token_loss_sum(x, y).item())
+    assert acc.micro_batch_loss(x, y.to(dtype), num_items_in_batch=3).item() == pytest.approx(
+        acc.micro_batch_loss(x, y, num_items_in_batch=3).item())
+    assert torch.equal(clm.token_losses(x, y.to(dtype)), clm.token_losses(x, y))
     assert clm.unshifted_token_loss(x, y.to(dtype)).item() == pytest.approx(
         clm.unshifted_token_loss(x, y).item())
     assert clm.count_scored_targets(y.to(dtype)) == clm.count_scored_targets(y)
-    assert acc.count_scored_tokens(y.to(dtype)) == acc.count_scored_tokens(y)
-    assert torch.equal(chl.shift_labels_with_padding(y.to(dtype)), chl.shift_labels_with_padding(y))
+    assert acc.count_items_in_batch([y.to(dtype), y]) == 2 * clm.count_scored_targets(y)
+    assert torch.equal(clm.shift_labels_with_padding(y.to(dtype)), clm.shift_labels_with_padding(y))
     ids, _ = batch()
     torch.testing.assert_close(tiny_model()(ids.to(dtype)), tiny_model()(ids))
 
@@ -1108,7 +1135,7 @@ def test_keras_no_longer_truncates_fractional_labels_or_accepts_bool_labels(onam
         keras_call(make, KERAS_LABELS > 0, KERAS_PROBS)
 
 
-@pytest.mark.parametrize("framework", km.FRAMEWORKS)
+@pytest.mark.parametrize("framework", keras_loss.FRAMEWORKS)
 def test_keras_fit_accepts_the_float_labels_keras_makes(framework):
     history = keras_fit(framework, "fit", KERAS_LABELS.astype(np.float32))
     assert history.history["loss"][0] == pytest.approx(math.log(5.0), rel=1e-6)
@@ -1119,4 +1146,4 @@ def test_numpy_ints_are_ints_everywhere():
     x, y = logits(dtype=torch.float64), labels()
     assert clm.label_padding_loss(x, y, ignore_index=np.int64(-100), num_items_in_batch=np.int32(4)).item() == \
         pytest.approx(clm.label_padding_loss(x, y, num_items_in_batch=4).item())
-    assert km.MaskedSparseCrossEntropy(padding_id=np.int64(0)).padding_id == 0
+    assert keras_loss.MaskedSparseCrossEntropy(padding_id=np.int64(0)).padding_id == 0

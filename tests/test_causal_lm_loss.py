@@ -18,15 +18,22 @@ from companion.causal_lm_loss import (
     count_scored_targets,
     label_padding_loss,
     shift_and_slice_loss,
+    token_losses,
     unshifted_token_loss,
 )
+from tests.shared import logits_and_labels
+
 
 shapes = st.tuples(
     st.integers(min_value=1, max_value=4),  # B
     st.integers(min_value=2, max_value=8),  # T
     st.integers(min_value=2, max_value=11),  # V
 )
+
+
 seeds = st.integers(min_value=0, max_value=2**16)
+
+
 dtypes = st.sampled_from([torch.float32, torch.float64])
 
 
@@ -240,7 +247,7 @@ def test_float64_stays_float64_while_dot_float_casts_it_down():
 
 
 def test_printed_sources_fit_in_79_columns():
-    from companion.source import source_of
+    from companion.experiments.source import source_of
 
     for function in (shift_and_slice_loss, label_padding_loss,
                      attention_mask_filter_loss):
@@ -304,7 +311,7 @@ def test_transformers_for_causal_lm_loss_equals_label_padding(shape, seed, num_i
 
 # --- argument checks ------------------------------------------------------------
 
-LOSSES = [shift_and_slice_loss, label_padding_loss, unshifted_token_loss]
+LOSSES = [shift_and_slice_loss, label_padding_loss, unshifted_token_loss, token_losses]
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -412,3 +419,77 @@ def test_count_scored_targets_checks_its_argument():
         count_scored_targets(torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="labels must hold integer"):
         count_scored_targets(torch.zeros(2, 5))
+
+
+
+# ---------------------------------------------------------------------------
+# The summed loss, the count and the per-token losses against the reference
+# ---------------------------------------------------------------------------
+
+
+@given(logits_and_labels())
+def test_count_scored_targets_counts_shifted_labels(pair):
+    _, labels = pair
+    assert count_scored_targets(labels) == int(np.sum(labels.numpy()[:, 1:] != -100))
+
+
+@given(logits_and_labels())
+def test_summed_loss_matches_reference(pair):
+    """``num_items_in_batch=1`` divides by one: the summed loss of a batch."""
+    logits, labels = pair
+    expected = reference.causal_lm_loss(logits.numpy(), labels.numpy(), num_items_in_batch=1)
+    got = label_padding_loss(logits, labels, num_items_in_batch=1)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@given(logits_and_labels())
+def test_token_losses_match_reference_per_position(pair):
+    logits, labels = pair
+    batch, time, vocab = logits.shape
+    got = token_losses(logits, labels)
+    assert got.shape == (batch, time - 1)
+    expected = reference.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).numpy(), labels[:, 1:].reshape(-1).numpy(), reduction="none"
+    ).reshape(batch, time - 1)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    summed = float(label_padding_loss(logits, labels, num_items_in_batch=1))
+    assert float(got.sum()) == pytest.approx(summed, rel=1e-12, abs=1e-12)
+
+
+def test_token_losses_follow_the_rules_of_every_loss():
+    logits = torch.randn(2, 1, 5, dtype=torch.float16)
+    assert token_losses(logits, torch.zeros(2, 1, dtype=torch.long)).shape == (2, 0)
+    labels = torch.tensor([[1, 2, 3], [4, -1, 0]])
+    got = token_losses(torch.randn(2, 3, 5, dtype=torch.bfloat16), labels, ignore_index=-1)
+    assert got.dtype == torch.float32 and got[1, 0] == 0.0
+
+
+def test_summed_loss_without_targets_is_zero_and_differentiable():
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.full((2, 3), -100)
+    total = label_padding_loss(logits, labels, num_items_in_batch=1)
+    total.backward()
+    assert total.item() == 0.0
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_summed_loss_errors():
+    with pytest.raises(TypeError, match="labels must hold integer"):
+        label_padding_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2), num_items_in_batch=1)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        label_padding_loss(torch.zeros(1, 2, 3), torch.tensor([[0, 5]]), num_items_in_batch=1)
+    with pytest.raises(ValueError, match="logits must be a 3-D"):
+        label_padding_loss(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), num_items_in_batch=1)
+
+
+def test_shift_and_slice_takes_num_items_in_batch_as_label_padding_does():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, -100, 3], [0, -100, -100, 4]])
+    for count in (1, 7, torch.tensor(7)):
+        sliced = shift_and_slice_loss(logits, labels, num_items_in_batch=count)
+        padded = label_padding_loss(logits, labels, num_items_in_batch=count)
+        assert sliced.item() == pytest.approx(padded.item(), rel=1e-12)
+    one_position = shift_and_slice_loss(logits[:, :1], labels[:, :1], num_items_in_batch=3)
+    assert one_position.item() == 0.0

@@ -1,78 +1,39 @@
-"""Tests of companion.chunked_loss, its memory model, and the benchmark script.
+"""Tests of companion.chunked_loss.
 
-The chunked losses are checked against the float64 NumPy reference
+Values against the float64 NumPy reference
 (``companion.reference.causal_lm_loss``) and, for gradients, against
-autograd through the eager ``F.cross_entropy`` path.
+autograd through the library's eager loss,
+``companion.causal_lm_loss.label_padding_loss`` of ``hidden @ weight.T``;
+the work the chunked Function does, and its errors.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion import reference
+from companion.causal_lm_loss import label_padding_loss, shift_labels_with_padding
 from companion.chunked_loss import (
-    CHUNKED_VARIANTS,
-    LOSS_VARIANTS,
-    TIME_TARGET,
     ChunkedLinearCrossEntropy,
-    TensorMemoryTracker,
     checkpointed_chunked_loss,
     chunked_causal_lm_loss,
-    eager_label_padding_loss,
-    eager_shift_and_slice_loss,
-    estimate_peak_bytes,
-    find_results_file,
-    measure_peak_tensor_bytes,
-    memory_target_report,
-    not_run_text,
-    shift_labels_with_padding,
-    time_target_report,
-    was_not_run,
 )
+from companion.memory import measure_peak_tensor_bytes
+from tests.shared import loss_problems
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK = REPO_ROOT / "benchmarks" / "loss_memory.py"
+
+
+def eager_label_padding_loss(hidden, weight, labels, **kwargs):
+    """The library's eager loss of ``hidden @ weight.T``: the chunked losses' reference."""
+    return label_padding_loss(hidden @ weight.T, labels, **kwargs)
+
+
 CHUNKED_LOSSES = [chunked_causal_lm_loss, checkpointed_chunked_loss]
-
-
-@st.composite
-def loss_problems(draw: st.DrawFn) -> dict:
-    """Random sizes, labels with ignored positions (sometimes whole rows), chunk sizes."""
-    batch = draw(st.integers(1, 3))
-    time = draw(st.integers(1, 11))
-    hidden_size = draw(st.integers(1, 9))
-    vocab = draw(st.integers(2, 17))
-    chunk_size = draw(st.integers(1, batch * time + 3))
-    seed = draw(st.integers(0, 2**31 - 1))
-    ignore_fraction = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
-    ignored_row = draw(st.one_of(st.none(), st.integers(0, batch - 1)))
-    use_num_items = draw(st.booleans())
-    rng = np.random.default_rng(seed)
-    hidden = rng.normal(size=(batch, time, hidden_size))
-    weight = rng.normal(size=(vocab, hidden_size))
-    labels = rng.integers(0, vocab, size=(batch, time))
-    labels[rng.random((batch, time)) < ignore_fraction] = -100
-    if ignored_row is not None:
-        labels[ignored_row] = -100
-    num_items = int(rng.integers(1, 2 * batch * time + 1)) if use_num_items else None
-    return {
-        "hidden": hidden,
-        "weight": weight,
-        "labels": labels,
-        "chunk_size": chunk_size,
-        "num_items": num_items,
-    }
 
 
 def _leaves(problem: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,35 +119,11 @@ def test_float32_realistic_scale_within_1e5(chunk_size):
     assert torch.count_nonzero(got[1][1]) == 0  # the unscored row gets no gradient
 
 
-@given(problem=loss_problems())
-def test_shift_and_slice_equals_label_padding(problem):
-    hidden, weight, labels = _leaves(problem, torch.float64)
-    sliced = eager_shift_and_slice_loss(hidden, weight, labels, num_items_in_batch=problem["num_items"])
-    padded = eager_label_padding_loss(hidden, weight, labels, num_items_in_batch=problem["num_items"])
-    if math.isnan(padded.item()):
-        assert math.isnan(sliced.item())
-    else:
-        assert sliced.item() == pytest.approx(padded.item(), rel=1e-12)
-
-
 def test_shift_labels_with_padding():
     labels = torch.tensor([[5, 6, 7], [8, -100, 9]])
     expected = torch.tensor([[6, 7, -100], [-100, 9, -100]])
     assert torch.equal(shift_labels_with_padding(labels), expected)
     assert shift_labels_with_padding(labels.int()).dtype == torch.long
-
-
-@pytest.mark.parametrize("loss_fn", list(LOSS_VARIANTS.values()), ids=list(LOSS_VARIANTS))
-def test_nothing_scored_gives_nan_and_zero_gradients(loss_fn):
-    hidden = torch.randn(2, 5, 4, requires_grad=True)
-    weight = torch.randn(7, 4, requires_grad=True)
-    labels = torch.full((2, 5), -100)
-    labels[:, 0] = 3  # the first label is never a target
-    loss = loss_fn(hidden, weight, labels)
-    loss.backward()
-    assert math.isnan(loss.item())
-    assert torch.count_nonzero(hidden.grad) == 0
-    assert torch.count_nonzero(weight.grad) == 0
 
 
 @pytest.mark.parametrize("loss_fn", CHUNKED_LOSSES, ids=lambda f: f.__name__)
@@ -377,35 +314,6 @@ def _good():
     return torch.randn(2, 5, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 5))
 
 
-@pytest.mark.parametrize("loss_fn", list(LOSS_VARIANTS.values()), ids=list(LOSS_VARIANTS))
-@pytest.mark.parametrize(
-    ("change", "error", "message"),
-    [
-        (lambda h, w, y: (h, torch.randn(7, 3), y), ValueError, r"weight must have shape \(V, d\) with d"),
-        (lambda h, w, y: (h, w, y[:, :4]), ValueError, r"labels must have shape \(B, T\)"),
-        (lambda h, w, y: (h, w, y[0]), ValueError, r"labels must be a 2-D tensor"),
-        (lambda h, w, y: (h, w, y.float()), TypeError, r"labels must hold integer"),
-        (lambda h, w, y: (h[0], w, y), ValueError, r"hidden must be a 3-D tensor \(B, T, d\)"),
-        (lambda h, w, y: (h, w.double(), y), TypeError, r"weight must have hidden's dtype"),
-        (lambda h, w, y: (h, w, y + 7), ValueError, r"labels must lie in \[0, 7\)"),
-        (lambda h, w, y: (h.numpy(), w, y), TypeError, r"hidden must be a torch.Tensor"),
-        (lambda h, w, y: (h[:, :0], w, y[:, :0]), ValueError, r"hidden \(B, T, d\) must have no empty"),
-    ],
-)
-def test_bad_inputs_raise_clear_errors(loss_fn, change, error, message):
-    with pytest.raises(error, match=message):
-        loss_fn(*change(*_good()))
-
-
-@pytest.mark.parametrize("variant", sorted(CHUNKED_VARIANTS))
-@pytest.mark.parametrize(
-    ("chunk_size", "error"), [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)]
-)
-def test_bad_chunk_size(variant, chunk_size, error):
-    with pytest.raises(error, match="chunk_size"):
-        LOSS_VARIANTS[variant](*_good(), chunk_size=chunk_size)
-
-
 @pytest.mark.parametrize(
     ("num_items", "error"),
     [(0, ValueError), (-1, ValueError), (2.5, TypeError), (torch.tensor([1, 2]), ValueError)],
@@ -413,233 +321,6 @@ def test_bad_chunk_size(variant, chunk_size, error):
 def test_bad_num_items_in_batch(num_items, error):
     with pytest.raises(error, match="num_items_in_batch"):
         chunked_causal_lm_loss(*_good(), num_items_in_batch=num_items)
-
-
-# --------------------------------------------------------------------------
-# Memory: the count from first principles against the exact tracker
-# --------------------------------------------------------------------------
-
-
-def test_tracker_counts_live_storage_exactly():
-    with TensorMemoryTracker() as tracker:
-        first = torch.empty(1000, dtype=torch.float32).fill_(1.0)
-        view = first[10:]  # a view: no new memory
-        del first, view
-        second = torch.ones(300, dtype=torch.float64)
-    assert tracker.peak_bytes == 4000
-    assert tracker.live_bytes == 2400
-    del second
-
-
-@pytest.mark.parametrize(("batch", "time"), [(1, 256), (2, 128)])
-@pytest.mark.parametrize("variant", list(LOSS_VARIANTS))
-def test_estimate_matches_tracked_peak(variant, batch, time):
-    """The chapter's buffer count (three (B, T, V) tensors for eager, ...) holds in torch 2.13."""
-    torch.manual_seed(5)
-    hidden_size, vocab, chunk_size = 64, 3000, 64
-    hidden = torch.randn(batch, time, hidden_size, requires_grad=True)
-    weight = torch.randn(vocab, hidden_size, requires_grad=True)
-    labels = torch.randint(0, vocab, (batch, time))
-    kwargs = {"chunk_size": chunk_size} if variant in CHUNKED_VARIANTS else {}
-    measured = measure_peak_tensor_bytes(LOSS_VARIANTS[variant], hidden, weight, labels, **kwargs)
-    estimate = estimate_peak_bytes(variant, batch, time, vocab, hidden_size, chunk_size=chunk_size)
-    assert measured == pytest.approx(estimate, rel=0.03)
-
-
-def test_eager_peak_is_three_logits_tensors():
-    torch.manual_seed(6)
-    batch, time, hidden_size, vocab = 1, 200, 16, 5000
-    hidden = torch.randn(batch, time, hidden_size, requires_grad=True)
-    weight = torch.randn(vocab, hidden_size, requires_grad=True)
-    labels = torch.randint(0, vocab, (batch, time))
-    logits_bytes = batch * time * vocab * 4
-    peak = measure_peak_tensor_bytes(eager_label_padding_loss, hidden, weight, labels)
-    assert 3 * logits_bytes <= peak < 3.01 * logits_bytes
-
-
-def test_estimate_rejects_unknown_variant_and_bad_sizes():
-    with pytest.raises(ValueError, match="variant must be one of"):
-        estimate_peak_bytes("fused", 1, 2, 3, 4)
-    with pytest.raises(ValueError, match="time must be >= 1"):
-        estimate_peak_bytes("label_padding", 1, 0, 3, 4)
-
-
-# --------------------------------------------------------------------------
-# Benchmark results and targets
-# --------------------------------------------------------------------------
-
-
-def _records(eager_peak, chunked_peak, eager_s=1.0, chunked_s=1.1, time=2048, vocab=32000, status="ok"):
-    rows = []
-    for variant in LOSS_VARIANTS:
-        eager = variant in ("shift_and_slice", "label_padding")
-        rows.append(
-            {
-                "variant": variant,
-                "time": time,
-                "vocab": vocab,
-                "status": status if eager else "ok",
-                "peak_bytes": eager_peak if eager else chunked_peak,
-                "median_s": eager_s if eager else chunked_s,
-            }
-        )
-    return rows
-
-
-def test_memory_target_report_verdicts():
-    met = memory_target_report(_records(800.0, 200.0))
-    verdicts = [row["verdict"] for row in met]
-    assert verdicts == ["met", "not measured", "not measured"]
-    assert met[0]["ratio"] == pytest.approx(4.0)
-    missed = memory_target_report(_records(800.0, 201.0))
-    assert missed[0]["verdict"] == "missed"
-
-
-def _skipped(status: str, **extra) -> list[dict]:
-    records = _records(None, 400.0, time=8192, vocab=128256, status=status)
-    for record in records:
-        if record["status"] != "ok":
-            record.update(estimate_bytes=12 * 2**30, **extra)
-    return records
-
-
-def test_memory_target_report_never_judges_an_estimate():
-    """An eager run skipped on its estimate gives no ratio and no verdict."""
-    records = _skipped(
-        "not_run", needed_bytes=13.5 * 2**30, budget_bytes=8 * 2**30
-    )
-    assert all(was_not_run(r) for r in records if r["status"] != "ok")
-    row = memory_target_report(records)[2]
-    assert row["verdict"] == "eager not run" and row["ratio"] is None
-    assert row["note"] == (
-        "eager not run (estimated 13.5 GiB > budget 8.0 GiB)"
-    )
-    # Older files: status "oom" with "not run" in the detail.
-    legacy = _skipped("oom", detail="estimated 13.5 GiB > 8.0 GiB; not run")
-    assert memory_target_report(legacy)[2]["verdict"] == "eager not run"
-    # An eager run that started and failed to allocate is no estimate.
-    ran = _skipped("oom", detail="can't allocate memory")
-    row = memory_target_report(ran)[2]
-    assert row["verdict"] == "eager out of memory" and row["ratio"] is None
-
-
-def test_not_run_text_names_the_estimate_and_the_budget():
-    record = {"status": "not_run", "estimate_bytes": 2**30}
-    assert not_run_text(record) == "not run (estimated 1.0 GiB > budget)"
-    record.update(needed_bytes=3 * 2**30, budget_bytes=2 * 2**30)
-    assert not_run_text(record) == (
-        "not run (estimated 3.0 GiB > budget 2.0 GiB)"
-    )
-
-
-def test_time_target_report_uses_faster_eager():
-    records = _records(800.0, 100.0, eager_s=2.0, chunked_s=2.4)
-    records[0]["median_s"] = 1.9  # shift_and_slice is the faster eager formulation
-    (row,) = time_target_report(records)
-    assert row["eager_s"] == 1.9
-    assert row["ratio"] == pytest.approx(2.4 / 1.9)
-    assert row["verdict"] == ("met" if 2.4 / 1.9 <= TIME_TARGET else "missed") == "missed"
-
-
-def test_find_results_file_prefers_full_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no benchmark results"):
-        find_results_file(tmp_path)
-    (tmp_path / "loss_memory_cpu_quick.json").write_text("{}")
-    assert find_results_file(tmp_path).name == "loss_memory_cpu_quick.json"
-    (tmp_path / "loss_memory_cpu.json").write_text("{}")
-    assert find_results_file(tmp_path).name == "loss_memory_cpu.json"
-
-
-def test_committed_results_file_is_complete():
-    payload = json.loads(find_results_file(REPO_ROOT / "benchmarks" / "results").read_text())
-    assert {"machine", "libraries", "memory_method", "time_method", "results"} <= set(payload)
-    assert payload["libraries"]["torch"].startswith("2.13")
-    variants = {record["variant"] for record in payload["results"]}
-    assert variants == set(LOSS_VARIANTS)
-    for record in payload["results"]:
-        if record["status"] == "ok":
-            assert record["peak_bytes"] > 0
-            assert len(record["times_s"]) >= 3
-
-
-def _run_benchmark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, check=False, timeout=120
-    )
-
-
-def test_benchmark_skips_what_its_estimate_says_cannot_fit(tmp_path):
-    completed = _run_benchmark(
-        "--quick", "--device", "cpu", "--memory-limit-gib", "0.5",
-        "--results-dir", str(tmp_path),
-    )
-    assert completed.returncode == 0, completed.stderr
-    payload = json.loads(
-        (tmp_path / "loss_memory_cpu_quick.json").read_text()
-    )
-    assert {record["status"] for record in payload["results"]} == {"not_run"}
-    for record in payload["results"]:
-        assert "peak_bytes" not in record  # an estimate, not a measurement
-        assert record["needed_bytes"] > record["budget_bytes"]
-        assert was_not_run(record)
-    assert "[8/8]" in completed.stderr  # progress is shown on stderr
-    assert (tmp_path / "loss_memory_cpu_quick.csv").read_text().startswith("variant,")
-
-
-def test_benchmark_worker_turns_allocation_failure_into_oom():
-    completed = _run_benchmark(
-        "--worker", "--variant", "label_padding", "--time", "512", "--vocab", "32000",
-        "--device", "cpu", "--budget-bytes", str(16 * 2**20),
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout.splitlines()[-1])["status"] == "oom"
-
-
-# --------------------------------------------------------------------------
-# Figures
-# --------------------------------------------------------------------------
-
-
-def test_plot_peak_memory_draws_one_line_per_variant_and_marks_oom():
-    from companion.plots.loss_memory import plot_peak_memory
-
-    records = []
-    for vocab in (32000, 128256):
-        for time in (512, 2048):
-            records += _records(3.0 * time * vocab * 4, 1e8, time=time, vocab=vocab)
-    for record in records:
-        record["estimate_bytes"] = 1e9
-    records[0]["status"] = "oom"
-    fig = plot_peak_memory(records)
-    axes = fig.axes
-    assert len(axes) == 2
-    assert fig.get_figwidth() == pytest.approx(6.3)
-    assert axes[0].get_yscale() == "log" and axes[0].get_xscale() == "log"
-    assert axes[0].get_ylabel() == "peak RSS growth (MiB)"
-    assert "tokens" in axes[0].get_xlabel()
-    drawn = [line for line in axes[1].get_lines() if line.get_marker() != "x"]
-    assert len(drawn) == len(LOSS_VARIANTS)
-    (legend,) = fig.legends  # below the panels, for both
-    texts = [text.get_text() for text in legend.get_texts()]
-    assert len(texts) == len(LOSS_VARIANTS) + 1
-    assert "out of memory" in texts[-1]
-    assert min(text.get_fontsize() for text in legend.get_texts()) >= 9
-    crosses = [line for line in axes[0].get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
-    assert len(crosses) == 1
-
-
-def test_plot_live_memory_timeline_in_logits_units():
-    from companion.plots.loss_memory import plot_live_memory_timeline
-
-    fig = plot_live_memory_timeline(
-        {"label_padding": [0, 100, 300, 100], "chunked_function": [0, 30]},
-        100,
-    )
-    (ax,) = fig.axes
-    assert max(ax.get_lines()[0].get_ydata()) == 3.0
-    assert "logits" in ax.get_ylabel()
-    with pytest.raises(ValueError, match="logits_bytes"):
-        plot_live_memory_timeline({}, 0)
 
 
 # --------------------------------------------------------------------------
@@ -665,41 +346,6 @@ def test_matches_transformers_for_causal_lm_loss(num_items):
     assert _relative_error(got.detach(), want.detach()) <= 1e-5
     for got_grad, want_grad in zip(got_grads, want_grads):
         assert _relative_error(got_grad, want_grad) <= 1e-5
-
-
-def test_peak_memory_axis_has_labelled_ticks_within_one_decade():
-    from companion.plots.loss_memory import plot_peak_memory
-
-    records = _records(700 * 2**20, 120 * 2**20)
-    for record in records:
-        record["estimate_bytes"] = 1.0
-    fig = plot_peak_memory(records)
-    fig.canvas.draw()
-    ax = fig.axes[0]
-    low, high = ax.get_ylim()
-    labels = [tick.get_text() for tick in ax.get_yticklabels() if low <= tick.get_position()[1] <= high]
-    assert {"100", "200", "500"} <= set(labels)  # a tick below the data
-    assert min(t.get_fontsize() for t in ax.get_yticklabels()) >= 9
-
-
-def test_plot_live_memory_timeline_marks_passes_and_buffers():
-    from companion.plots.loss_memory import plot_live_memory_timeline
-
-    # Z; Z and A; A (forward ends); A and dL/dA; all three; G; G and grads.
-    eager = [100, 200, 100, 200, 300, 100, 110]
-    fig = plot_live_memory_timeline(
-        {"label_padding": eager, "chunked_function": [50, 60, 60]},
-        100,
-        backward_starts={"label_padding": 3, "chunked_function": 2},
-    )
-    (ax,) = fig.axes
-    assert fig.get_figwidth() == pytest.approx(6.3)
-    assert ax.get_title()
-    texts = {text.get_text() for text in ax.texts}
-    assert {"forward", "backward"} <= texts
-    assert {"Z", "Z, A", "A", "A, ∂L/∂A", "A, ∂L/∂A, G", "G"} <= texts
-    xs = ax.get_lines()[0].get_xdata()
-    assert max(xs[:3]) < 0.5 <= min(xs[3:])  # forward left, backward right
 
 
 def test_backward_scales_in_place_without_allocating():

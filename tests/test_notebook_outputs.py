@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from companion.display import (
+from companion.experiments.display import (
     FLOAT32_DIGITS,
     FLOAT64_DIGITS,
     bound,

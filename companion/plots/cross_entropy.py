@@ -39,7 +39,7 @@ def plot_naive_versus_stable(
     Args:
         scales: ``(S,)`` logit scales ``s`` (each row is ``s * [1, 0, -1]``,
             as in
-            :func:`companion.cross_entropy.naive_versus_stable_by_scale`).
+            :func:`companion.experiments.cross_entropy.naive_versus_stable_by_scale`).
         naive_loss: ``(S,)`` mean loss from the naive formula (may hold
             ``inf``/``nan``).
         stable_loss: ``(S,)`` mean loss from the log-sum-exp form.

@@ -22,8 +22,9 @@ def reported_vs_true(sweep: pd.DataFrame) -> plt.Figure:
     """Loss and perplexity against padding: the wrong and the fixed reduction.
 
     Args:
-        sweep: the table of :func:`companion.keras_masking.padding_sweep`,
-            one row per padding fraction with columns ``padding_fraction``,
+        sweep: the table of
+            :func:`companion.experiments.keras_masking.padding_sweep`, one
+            row per padding fraction with columns ``padding_fraction``,
             ``true``, ``wrong``, ``fixed`` (nats per token) and
             ``true_ppl``, ``wrong_ppl``, ``fixed_ppl``.
 

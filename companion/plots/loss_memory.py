@@ -28,7 +28,8 @@ VARIANT_LABELS = {
     "checkpointed_chunks": "chunks + checkpointing",
     "chunked_function": "chunked autograd Function",
 }
-"""Legend text of each variant of ``companion.chunked_loss.LOSS_VARIANTS``."""
+"""Legend text of each variant of
+``companion.experiments.loss_memory.LOSS_VARIANTS``."""
 
 VARIANT_SHORT = {
     "shift_and_slice": "slice",

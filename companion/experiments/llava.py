@@ -1,17 +1,11 @@
-"""Tiny random-weight models of the LLaVA family, built from configs alone.
+"""LLaVA training batches, and the family's losses against the package's.
 
-Every builder here constructs a Hugging Face transformers model from a
-configuration object: no weights, tokenizer or processor is downloaded.  The
-models are a few thousand parameters, so building one and running a forward
-pass takes milliseconds on a CPU, yet the code path from ``input_ids`` to
-``.loss`` is the library's own.
-
-All text models share one token layout over a vocabulary of
-:data:`VOCAB_SIZE` ids: ``0`` padding, ``1`` begin-of-sequence, ``2``
-end-of-sequence, ``3 .. 62`` ordinary text, ``63`` the image placeholder.
-Special ids are set explicitly in every config because the library's
-defaults (for example 50256 in GPT BigCode) lie outside a 64-token
-vocabulary, and transformers logs a warning for each such id.
+Chapter 2's experiments: :func:`build_llava_batch` lays a batch out as for
+supervised fine-tuning (``<bos> <image>*N prompt answer <eos>``, right
+padding, only the answer supervised), and :func:`check_family_losses` runs
+every tiny model of :mod:`companion.experiments.tiny_models` on it and puts
+each model's own ``.loss`` next to the formulations of
+:mod:`companion.causal_lm_loss`.
 """
 
 from __future__ import annotations
@@ -24,254 +18,40 @@ import torch
 
 from companion import IGNORE_INDEX
 from companion._checks import require_positive_int
+from companion.causal_lm_loss import (
+    label_padding_loss,
+    shift_and_slice_loss,
+    unshifted_token_loss,
+)
+from companion.experiments.tiny_models import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    FIRST_TEXT_TOKEN_ID,
+    IMAGE_SIZE,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    image_token_count,
+    tiny_gpt_bigcode,
+    tiny_gpt_neox_japanese,
+    tiny_instructblip,
+    tiny_llava,
+    tiny_vip_llava,
+)
 
-VOCAB_SIZE: int = 64
-PAD_TOKEN_ID: int = 0
-BOS_TOKEN_ID: int = 1
-EOS_TOKEN_ID: int = 2
-FIRST_TEXT_TOKEN_ID: int = 3
-IMAGE_TOKEN_ID: int = VOCAB_SIZE - 1
-
-IMAGE_SIZE: int = 8
-PATCH_SIZE: int = 4
-HIDDEN_SIZE: int = 16
-#: Transformer layers of the tiny vision towers (CLIP, InstructBLIP).
-VISION_LAYERS: int = 2
-#: Transformer layers of the tiny text models (Llama, T5, GPT BigCode, ...).
-TEXT_LAYERS: int = 1
-
-#: Standard deviation of the random weights of the text models.  The
-#: libraries' default (0.02) makes every logit nearly 0 and every loss nearly
-#: ``log V``; a larger spread gives predictions that differ from token to
-#: token, so that formulations which score different positions give visibly
-#: different numbers.
-TEXT_INIT_STD: float = 0.4
+__all__ = [
+    "SEGMENT_CODES",
+    "FamilyLossCheck",
+    "LlavaTrainingBatch",
+    "answer_only_labels",
+    "build_llava_batch",
+    "check_family_losses",
+    "first_answer_position",
+]
 
 #: Segment codes of :class:`LlavaTrainingBatch` ``segments``.
 SEGMENT_CODES: dict[str, int] = {
     "bos": 0, "image": 1, "prompt": 2, "answer": 3, "padding": 4,
 }
-
-
-def _special_ids() -> dict[str, int]:
-    return {
-        "pad_token_id": PAD_TOKEN_ID,
-        "bos_token_id": BOS_TOKEN_ID,
-        "eos_token_id": EOS_TOKEN_ID,
-    }
-
-
-def _vision_kwargs() -> dict[str, Any]:
-    """A :data:`VISION_LAYERS`-layer vision transformer.
-
-    Images of :data:`IMAGE_SIZE` pixels square are cut into patches of
-    :data:`PATCH_SIZE` pixels square.
-    """
-    return {
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": 2 * HIDDEN_SIZE,
-        "num_hidden_layers": VISION_LAYERS,
-        "num_attention_heads": 2,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-    }
-
-
-def tiny_llama_config(init_std: float = TEXT_INIT_STD) -> Any:
-    """A tiny ``LlamaConfig`` with :data:`VOCAB_SIZE` token ids.
-
-    :data:`TEXT_LAYERS` layer(s), hidden size :data:`HIDDEN_SIZE`.
-
-    Args:
-        init_std: standard deviation of the random weights
-            (``initializer_range``); default :data:`TEXT_INIT_STD`.
-    """
-    from transformers import LlamaConfig
-
-    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)):
-        raise TypeError(
-            f"init_std must be a float; got {type(init_std).__name__}"
-        )
-    if not init_std > 0:
-        raise ValueError(f"init_std must be > 0; got {init_std}")
-
-    return LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=2 * HIDDEN_SIZE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=float(init_std),
-        **_special_ids(),
-    )
-
-
-def image_token_count() -> int:
-    """Image placeholders per image for the tiny LLaVA and ViP-LLaVA.
-
-    The vision tower cuts an ``IMAGE_SIZE``-pixel square into
-    ``(IMAGE_SIZE / PATCH_SIZE)**2`` patches; LLaVA's default feature
-    strategy drops the class token, so each patch becomes one token.
-    """
-    return (IMAGE_SIZE // PATCH_SIZE) ** 2
-
-
-def tiny_llava(seed: int = 0, text_init_std: float = TEXT_INIT_STD) -> Any:
-    """A random-weight ``LlavaForConditionalGeneration``: tiny CLIP + Llama.
-
-    Args:
-        seed: ``torch.manual_seed`` applied before the weights are drawn.
-        text_init_std: standard deviation of the Llama's random weights;
-            default :data:`TEXT_INIT_STD`.
-
-    Returns:
-        The model in eval mode, float32.  ``image_token_id`` is
-        :data:`IMAGE_TOKEN_ID`; each image fills :func:`image_token_count`
-        placeholders.
-    """
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_vision_kwargs()),
-        text_config=tiny_llama_config(text_init_std),
-        image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        image_seq_length=image_token_count(),
-    )
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def tiny_vip_llava(seed: int = 0) -> Any:
-    """A random-weight ``VipLlavaForConditionalGeneration``.
-
-    Its image features come from two vision layers.
-
-    Same token layout and image-token count as :func:`tiny_llava`.
-    """
-    from transformers import (
-        CLIPVisionConfig,
-        VipLlavaConfig,
-        VipLlavaForConditionalGeneration,
-    )
-
-    config = VipLlavaConfig(
-        vision_config=CLIPVisionConfig(**_vision_kwargs()),
-        text_config=tiny_llama_config(),
-        image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layers=[-1, -2],
-        image_seq_length=image_token_count(),
-    )
-    torch.manual_seed(seed)
-    return VipLlavaForConditionalGeneration(config).eval()
-
-
-#: Query tokens of the tiny InstructBLIP: its Q-Former turns each image into
-#: this many embeddings.  Chosen equal to :func:`image_token_count` so that one
-#: batch from :func:`build_llava_batch` fits LLaVA, ViP-LLaVA and InstructBLIP.
-INSTRUCTBLIP_QUERY_TOKENS: int = (IMAGE_SIZE // PATCH_SIZE) ** 2
-
-
-def tiny_instructblip(seed: int = 0, language_model: str = "llama") -> Any:
-    """A random-weight ``InstructBlipForConditionalGeneration``.
-
-    Args:
-        seed: ``torch.manual_seed`` applied before the weights are drawn.
-        language_model: ``"llama"`` (decoder-only: the model computes
-            ``self.loss_function``, i.e. ``ForCausalLMLoss``) or ``"t5"``
-            (encoder-decoder: the loss is T5's own, without a shift).
-
-    Returns:
-        The model in eval mode, float32, with
-        :data:`INSTRUCTBLIP_QUERY_TOKENS` image placeholders per image.
-    """
-    from transformers import (
-        InstructBlipConfig,
-        InstructBlipForConditionalGeneration,
-        InstructBlipQFormerConfig,
-        InstructBlipVisionConfig,
-        T5Config,
-    )
-
-    if language_model == "llama":
-        text_config: Any = tiny_llama_config()
-    elif language_model == "t5":
-        text_config = T5Config(
-            vocab_size=VOCAB_SIZE,
-            d_model=HIDDEN_SIZE,
-            d_kv=HIDDEN_SIZE // 2,
-            d_ff=2 * HIDDEN_SIZE,
-            num_layers=TEXT_LAYERS,
-            num_heads=2,
-            decoder_start_token_id=PAD_TOKEN_ID,
-            initializer_factor=1.0,
-            **_special_ids(),
-        )
-    else:
-        raise ValueError(
-            "language_model must be 'llama' or 't5'; "
-            f"got {language_model!r}"
-        )
-    config = InstructBlipConfig(
-        vision_config=InstructBlipVisionConfig(
-            **_vision_kwargs(), initializer_range=0.02
-        ),
-        qformer_config=InstructBlipQFormerConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=HIDDEN_SIZE,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=2 * HIDDEN_SIZE,
-            max_position_embeddings=32,
-        ),
-        text_config=text_config,
-        num_query_tokens=INSTRUCTBLIP_QUERY_TOKENS,
-        image_token_index=IMAGE_TOKEN_ID,
-    )
-    torch.manual_seed(seed)
-    return InstructBlipForConditionalGeneration(config).eval()
-
-
-def tiny_gpt_bigcode(seed: int = 0) -> Any:
-    """A random-weight ``GPTBigCodeForCausalLM`` (multi-query attention)."""
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
-
-    config = GPTBigCodeConfig(
-        vocab_size=VOCAB_SIZE,
-        n_embd=HIDDEN_SIZE,
-        n_layer=TEXT_LAYERS,
-        n_head=2,
-        n_positions=64,
-        initializer_range=TEXT_INIT_STD,
-        **_special_ids(),
-    )
-    torch.manual_seed(seed)
-    return GPTBigCodeForCausalLM(config).eval()
-
-
-def tiny_gpt_neox_japanese(seed: int = 0) -> Any:
-    """A random-weight ``GPTNeoXJapaneseForCausalLM``."""
-    from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
-
-    config = GPTNeoXJapaneseConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=2,
-        intermediate_multiple_size=2,
-        max_position_embeddings=64,
-        initializer_range=TEXT_INIT_STD,
-        **_special_ids(),
-    )
-    torch.manual_seed(seed)
-    return GPTNeoXJapaneseForCausalLM(config).eval()
 
 
 @dataclass(frozen=True)
@@ -477,12 +257,6 @@ def check_family_losses(
     Returns:
         One :class:`FamilyLossCheck` per model, in a fixed order.
     """
-    from companion.causal_lm_loss import (
-        label_padding_loss,
-        shift_and_slice_loss,
-        unshifted_token_loss,
-    )
-
     text_inputs = {
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,

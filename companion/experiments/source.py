@@ -8,6 +8,8 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
+__all__ = ["source_of"]
+
 
 def source_of(obj: Callable[..., Any] | type, *, docstring: bool = False) -> str:
     """The source of a function or class as it is in the package.

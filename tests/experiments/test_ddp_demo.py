@@ -1,4 +1,4 @@
-"""Tests of companion.ddp_demo: the two-process gloo run, its clean-up, and its input checks."""
+"""Tests of companion.experiments.ddp_demo: the two-process gloo run, its clean-up, and its input checks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from companion.ddp_demo import (
+from companion.experiments.ddp_demo import (
     LOOPBACK_INTERFACES,
     FailureInjection,
     WorkerFailedError,
@@ -24,7 +24,7 @@ from companion.ddp_demo import (
     run_ddp_comparison,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The whole run, process start-up included, must end well inside a minute.
 DEADLINE_S = 45.0
@@ -242,7 +242,7 @@ def test_command_line_runs_offline_with_empty_stderr(tmp_path):
     script = (
         _LOOPBACK_UP
         + "import sys\n"
-        + "from companion.ddp_demo import main\n"
+        + "from companion.experiments.ddp_demo import main\n"
         + f"sys.exit(main(['--timeout', '{DEADLINE_S}', '--output', {str(output)!r}]))\n"
     )
     completed = subprocess.run(

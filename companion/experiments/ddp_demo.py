@@ -2,13 +2,13 @@
 
 Run it as a module::
 
-    python -m companion.ddp_demo --world-size 2 \\
+    python -m companion.experiments.ddp_demo --world-size 2 \\
         --shard 3,4,3,5 --shard 41 --output result.json
 
 It starts ``world_size`` processes on this machine (``torch.multiprocessing``,
 ``fork`` on Linux, ``spawn`` elsewhere), joins them in a ``gloo`` process
 group on the loopback interface and wraps the same
-:class:`~companion.accumulation.TinyCausalLM` in
+:class:`~companion.experiments.tiny_models.TinyCausalLM` in
 ``DistributedDataParallel``.  Rank ``r`` holds the rows whose lengths are
 ``--shard`` number ``r``.  DDP *averages* gradients over ranks, so the
 per-rank loss decides what the step optimises.  Three per-rank losses are
@@ -19,8 +19,9 @@ compared with one process computing the token mean of all rows:
 * ``"global_count_unscaled"``: ``S_r / N`` with ``N`` all-reduced over
   ranks.  Right denominator, but DDP's average then divides by the number
   of ranks ``R`` again.
-* ``"token_mean"``: ``R * S_r / N``.  After DDP's average the gradient is
-  ``sum_r grad S_r / N``, the full-batch gradient.
+* ``"token_mean"``: ``R * S_r / N``
+  (:func:`companion.accumulation.micro_batch_loss`).  After DDP's average
+  the gradient is ``sum_r grad S_r / N``, the full-batch gradient.
 
 The workers find each other through a ``FileStore`` in a private temporary
 directory, not a TCP store, and gloo is bound to the loopback interface by
@@ -66,17 +67,39 @@ import torch.multiprocessing as torch_mp
 from torch.nn.parallel import DistributedDataParallel
 
 from companion import reference
-from companion._checks import require_nonempty_lists, require_positive_int
-from companion.accumulation import (
-    TinyLMConfig,
-    build_tiny_lm,
-    count_scored_tokens,
+from companion._checks import (
+    require_nonempty_lists,
+    require_positive_int,
+    require_sequence,
+)
+from companion.accumulation import micro_batch_loss
+from companion.causal_lm_loss import count_scored_targets, label_padding_loss
+from companion.experiments.denominator import (
     flat_gradient,
     make_counting_batch,
     relative_difference,
-    token_loss_sum,
     warm_up,
 )
+from companion.experiments.tiny_models import TinyLMConfig, build_tiny_lm
+
+__all__ = [
+    "COLLECTIVE_TIMEOUT_MARGIN_S",
+    "DEFAULT_SHARDS",
+    "FAILURE_FILE",
+    "INJECTED_FAILURE_DELAY_S",
+    "LOOPBACK_INTERFACES",
+    "RESULT_FILE",
+    "STORE_FILE",
+    "VARIANTS",
+    "DemoSettings",
+    "FailureInjection",
+    "WorkerFailedError",
+    "WorkersTimedOutError",
+    "loopback_interface",
+    "main",
+    "run_ddp_comparison",
+    "run_rank",
+]
 
 VARIANTS: tuple[str, ...] = (
     "mean_of_means",
@@ -205,14 +228,11 @@ def _check_shards(
     shard_lengths: Sequence[Sequence[int]], world_size: int
 ) -> list[list[int]]:
     require_positive_int(world_size, "world_size")
-    if isinstance(shard_lengths, (str, bytes)) or not isinstance(
-        shard_lengths, Sequence
-    ):
-        raise TypeError(
-            "shard_lengths must be a sequence with one list of row lengths "
-            "per rank; "
-            f"got {type(shard_lengths).__name__}"
-        )
+    require_sequence(
+        shard_lengths,
+        "shard_lengths",
+        "a sequence with one list of row lengths per rank",
+    )
     if len(shard_lengths) != world_size:
         raise ValueError(
             f"world_size={world_size} but shard_lengths describes "
@@ -305,7 +325,14 @@ def _worker(rank: int, settings: DemoSettings) -> None:
             timeout=timedelta(seconds=settings.collective_timeout_s),
         )
         joined = True
-        _run_rank(rank, settings)
+        world_size = dist.get_world_size()
+        if world_size != settings.world_size:
+            raise RuntimeError(
+                f"process group has world size {world_size}; "
+                f"expected {settings.world_size}"
+            )
+        _inject(settings.failure, rank)
+        run_rank(rank, settings)
     except BaseException:
         _record_failure(settings.result_dir, rank)
         raise
@@ -335,14 +362,16 @@ def _record_failure(result_dir: str, rank: int) -> None:
     partial.replace(target)
 
 
-def _run_rank(rank: int, settings: DemoSettings) -> None:
+def run_rank(rank: int, settings: DemoSettings) -> None:
+    """One rank's work, inside the process group: every variant's DDP step.
+
+    Each rank builds and warms up the same model, wraps it in
+    ``DistributedDataParallel``, counts its scored targets and all-reduces
+    the count, then back-propagates each per-rank loss of :data:`VARIANTS`
+    and gathers the gradients.  Rank 0 also runs the full batch in one
+    process and writes the comparison.
+    """
     world_size = dist.get_world_size()
-    if world_size != settings.world_size:
-        raise RuntimeError(
-            f"process group has world size {world_size}; "
-            f"expected {settings.world_size}"
-        )
-    _inject(settings.failure, rank)
     model = build_tiny_lm(settings.config, seed=settings.seed)
     warm_up(model, steps=settings.warm_up_steps, seed=settings.seed + 1)
     # DDP copies rank 0's parameters to every rank when it wraps the model,
@@ -354,19 +383,26 @@ def _run_rank(rank: int, settings: DemoSettings) -> None:
     labels = torch.tensor(settings.labels, dtype=torch.long)
     first, stop = settings.shard_rows[rank]
     rank_ids, rank_labels = input_ids[first:stop], labels[first:stop]
-    rank_count = torch.tensor(count_scored_tokens(rank_labels))
+    rank_count = torch.tensor(count_scored_targets(rank_labels))
     global_count = int(_all_reduce_sum(rank_count))
 
     records: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
         ddp_model.zero_grad(set_to_none=True)
-        rank_sum = token_loss_sum(ddp_model(rank_ids), rank_labels)
+        logits = ddp_model(rank_ids)
         if variant == "mean_of_means":
-            rank_loss = rank_sum / int(rank_count)
+            rank_loss = label_padding_loss(logits, rank_labels)
         elif variant == "global_count_unscaled":
-            rank_loss = rank_sum / global_count
+            rank_loss = label_padding_loss(
+                logits, rank_labels, num_items_in_batch=global_count
+            )
         else:
-            rank_loss = rank_sum * world_size / global_count
+            rank_loss = micro_batch_loss(
+                logits,
+                rank_labels,
+                num_items_in_batch=global_count,
+                world_size=world_size,
+            )
         rank_loss.backward()
         # DDP's gradient is the gradient of the mean over ranks of rank_loss.
         step_loss = float(_all_reduce_sum(rank_loss)) / world_size
@@ -401,7 +437,9 @@ def _write_result(
 ) -> None:
     model.zero_grad(set_to_none=True)
     logits = model(input_ids)
-    full_loss = token_loss_sum(logits, labels) / global_count
+    full_loss = label_padding_loss(
+        logits, labels, num_items_in_batch=global_count
+    )
     full_loss.backward()
     full_gradient = flat_gradient(model)
     full_value = full_loss.item()
@@ -419,7 +457,7 @@ def _write_result(
             for first, stop in settings.shard_rows
         ],
         "shard_token_counts": [
-            count_scored_tokens(labels[a:b]) for a, b in settings.shard_rows
+            count_scored_targets(labels[a:b]) for a, b in settings.shard_rows
         ],
         "global_token_count": global_count,
         "full_batch": {
@@ -571,7 +609,7 @@ def run_ddp_comparison(
         config: model sizes (default :class:`TinyLMConfig`).
         seed: seeds the model's weights, its warm-up and the data.
         warm_up_steps: Adam steps before the compared step (see
-            :func:`companion.accumulation.warm_up`).
+            :func:`companion.experiments.denominator.warm_up`).
         timeout_s: deadline for the whole run, start-up included.  A worker
             waits in a collective for ``timeout_s + 10`` s before giving up.
         failure: make one worker fail, to test the clean-up path.
@@ -580,7 +618,8 @@ def run_ddp_comparison(
             again; ``"spawn"`` starts fresh interpreters (the only safe
             choice on macOS).  Forking a process that runs other threads,
             such as a Jupyter kernel, is fragile: from a notebook, run
-            ``python -m companion.ddp_demo`` as a program, as the book does.
+            ``python -m companion.experiments.ddp_demo`` as a program, as
+            the book does.
 
     Returns:
         The JSON-ready dict rank 0 wrote: token counts, the single-process
@@ -749,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit status.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m companion.ddp_demo",
+        prog="python -m companion.experiments.ddp_demo",
         description=(
             "Compare per-rank loss reductions under "
             "DistributedDataParallel (gloo, CPU)."
@@ -803,7 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Re-import under the package name so that the worker function pickles
-    # as companion.ddp_demo._worker, which the spawned processes can import.
-    from companion.ddp_demo import main as package_main
+    # as companion.experiments.ddp_demo._worker, which the spawned processes
+    # can import.
+    from companion.experiments.ddp_demo import main as package_main
 
     sys.exit(package_main())

@@ -1,17 +1,15 @@
-"""Tests of companion.tiny_models: the real models' losses equal the package's."""
+"""Tests of companion.experiments.llava: the batch, and the real models'
+losses equal the package's."""
 
 from __future__ import annotations
 
 import math
 
-import matplotlib
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from companion import IGNORE_INDEX, reference
-from companion import tiny_models as tm
 from companion.causal_lm_loss import (
     attention_mask_filter_loss,
     count_scored_targets,
@@ -19,22 +17,16 @@ from companion.causal_lm_loss import (
     shift_and_slice_loss,
     unshifted_token_loss,
 )
-from companion.plots import TEXT_WIDTH_IN
-from companion.plots.labels import (
-    PADDING,
-    SCORED,
-    label_layout_grid,
-    plot_label_layout,
-)
+from companion.experiments import llava as lv
+from companion.experiments import tiny_models as tm
 
-matplotlib.use("Agg")
 
 PROMPTS, ANSWERS = (2, 5, 3), (6, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def batch() -> tm.LlavaTrainingBatch:
-    return tm.build_llava_batch(PROMPTS, ANSWERS, seed=0)
+def batch() -> lv.LlavaTrainingBatch:
+    return lv.build_llava_batch(PROMPTS, ANSWERS, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def test_batch_layout(batch):
     lengths = [1 + n_image + p + a for p, a in zip(PROMPTS, ANSWERS)]
     assert batch.input_ids.shape == (3, max(lengths))
     assert batch.pixel_values.shape == (3, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE)
-    codes = tm.SEGMENT_CODES
+    codes = lv.SEGMENT_CODES
     for row, (p, a) in enumerate(zip(PROMPTS, ANSWERS)):
         ids, seg, lab = batch.input_ids[row], batch.segments[row], batch.labels[row]
         assert ids[0] == tm.BOS_TOKEN_ID
@@ -76,27 +68,27 @@ def test_batch_layout(batch):
 
 
 def test_first_answer_position(batch):
-    cut = tm.first_answer_position(batch)
+    cut = lv.first_answer_position(batch)
     assert cut == 1 + tm.image_token_count() + min(PROMPTS)
-    assert not (batch.segments[:, :cut] == tm.SEGMENT_CODES["answer"]).any()
-    assert (batch.segments[:, cut] == tm.SEGMENT_CODES["answer"]).any()
+    assert not (batch.segments[:, :cut] == lv.SEGMENT_CODES["answer"]).any()
+    assert (batch.segments[:, cut] == lv.SEGMENT_CODES["answer"]).any()
     assert count_scored_targets(batch.labels[:, :cut]) == 0
-    no_answer = tm.LlavaTrainingBatch(
+    no_answer = lv.LlavaTrainingBatch(
         batch.input_ids, batch.attention_mask, batch.labels,
         batch.pixel_values,
         batch.segments.masked_fill(
-            batch.segments == tm.SEGMENT_CODES["answer"],
-            tm.SEGMENT_CODES["prompt"],
+            batch.segments == lv.SEGMENT_CODES["answer"],
+            lv.SEGMENT_CODES["prompt"],
         ),
     )
     with pytest.raises(ValueError, match="answer in every row"):
-        tm.first_answer_position(no_answer)
+        lv.first_answer_position(no_answer)
 
 
 def test_batch_is_deterministic_per_seed():
-    a = tm.build_llava_batch(PROMPTS, ANSWERS, seed=1)
-    b = tm.build_llava_batch(PROMPTS, ANSWERS, seed=1)
-    c = tm.build_llava_batch(PROMPTS, ANSWERS, seed=2)
+    a = lv.build_llava_batch(PROMPTS, ANSWERS, seed=1)
+    b = lv.build_llava_batch(PROMPTS, ANSWERS, seed=1)
+    c = lv.build_llava_batch(PROMPTS, ANSWERS, seed=2)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
     assert not torch.equal(a.input_ids, c.input_ids)
 
@@ -112,74 +104,15 @@ def test_batch_is_deterministic_per_seed():
 )
 def test_batch_arguments_are_checked(prompts, answers, error, message):
     with pytest.raises(error, match=message):
-        tm.build_llava_batch(prompts, answers)
+        lv.build_llava_batch(prompts, answers)
 
 
 def test_answer_only_labels(batch):
-    answers = tm.answer_only_labels(batch)
+    answers = lv.answer_only_labels(batch)
     assert answers.shape == (3, max(ANSWERS))
     for row, a in enumerate(ANSWERS):
         assert torch.equal(answers[row, :a], batch.labels[row][batch.labels[row] != IGNORE_INDEX])
         assert (answers[row, a:] == IGNORE_INDEX).all()
-
-
-# --- the configs --------------------------------------------------------------------
-
-
-def test_special_ids_lie_inside_the_vocabulary():
-    # Out-of-vocabulary special ids make transformers log a warning per model.
-    models = [tm.tiny_llava(), tm.tiny_gpt_bigcode(), tm.tiny_gpt_neox_japanese(),
-              tm.tiny_instructblip(language_model="t5")]
-    for model in models:
-        text = model.config.get_text_config()
-        assert text.vocab_size == tm.VOCAB_SIZE
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            assert 0 <= getattr(text, name) < tm.VOCAB_SIZE
-
-
-def test_unknown_language_model_is_rejected():
-    with pytest.raises(ValueError, match="language_model must be 'llama' or 't5'"):
-        tm.tiny_instructblip(language_model="opt")
-
-
-def test_layer_counts_and_sizes_are_the_module_constants():
-    config = tm.tiny_llava().config
-    vision, text = config.vision_config, config.text_config
-    assert vision.num_hidden_layers == tm.VISION_LAYERS
-    assert (vision.image_size, vision.patch_size) == (
-        tm.IMAGE_SIZE, tm.PATCH_SIZE
-    )
-    assert text.num_hidden_layers == tm.TEXT_LAYERS
-    assert text.hidden_size == tm.HIDDEN_SIZE
-    assert text.initializer_range == tm.TEXT_INIT_STD
-    for model in (tm.tiny_gpt_bigcode(), tm.tiny_gpt_neox_japanese(),
-                  tm.tiny_instructblip(language_model="t5")):
-        assert model.config.get_text_config().num_hidden_layers == (
-            tm.TEXT_LAYERS
-        )
-
-
-def test_text_init_std_sets_the_spread_of_the_llama_weights():
-    from transformers import LlamaConfig
-
-    default = LlamaConfig().initializer_range
-    model = tm.tiny_llava(seed=0, text_init_std=default)
-    assert model.config.text_config.initializer_range == default
-    assert tm.tiny_llava().config.text_config.initializer_range == (
-        tm.TEXT_INIT_STD
-    )
-    weight = model.lm_head.weight.detach()
-    assert float(weight.std()) == pytest.approx(default, rel=0.1)
-    with pytest.raises(ValueError, match="init_std must be > 0"):
-        tm.tiny_llama_config(0.0)
-    with pytest.raises(TypeError, match="init_std must be a float"):
-        tm.tiny_llama_config("0.02")
-
-
-def test_models_are_seeded():
-    a, b = tm.tiny_llava(seed=3), tm.tiny_llava(seed=3)
-    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.equal(p, q), name
 
 
 # --- LLaVA's loss is the package's loss ----------------------------------------------
@@ -228,7 +161,7 @@ def test_llava_loss_with_num_items_in_batch(llava, batch, llava_logits):
 
 
 def test_llava_padding_labelled_with_pad_ids_splits_old_and_new(llava, batch, llava_logits):
-    padding = batch.segments == tm.SEGMENT_CODES["padding"]
+    padding = batch.segments == lv.SEGMENT_CODES["padding"]
     labels = torch.where(padding, batch.input_ids, batch.labels)
     with torch.no_grad():
         model_loss = float(llava(**{**batch.model_inputs(), "labels": labels}).loss)
@@ -253,7 +186,7 @@ def test_llava_all_labels_ignored_gives_nan_and_zero_gradients(batch):
 
 
 def test_family_losses(batch):
-    checks = tm.check_family_losses(batch, seed=0)
+    checks = lv.check_family_losses(batch, seed=0)
     names = [(c.model, c.language_model) for c in checks]
     assert names == [
         ("LlavaForConditionalGeneration", "Llama"),
@@ -288,7 +221,7 @@ def test_family_losses(batch):
 
 def test_t5_decoder_input_is_labels_shifted_right(batch):
     model = tm.tiny_instructblip(language_model="t5")
-    labels = tm.answer_only_labels(batch)
+    labels = lv.answer_only_labels(batch)
     shifted = model.language_model._shift_right(labels)
     assert (shifted[:, 0] == tm.PAD_TOKEN_ID).all()
     expected = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, tm.PAD_TOKEN_ID)
@@ -298,31 +231,3 @@ def test_t5_decoder_input_is_labels_shifted_right(batch):
                                                "qformer_input_ids": batch.input_ids})
     assert out.logits.shape[:2] == labels.shape
     assert abs(float(out.loss) - float(unshifted_token_loss(out.logits, labels))) < 1e-6
-
-
-# --- the figure ------------------------------------------------------------------------
-
-
-def test_label_layout_grid_and_figure(batch):
-    grid = label_layout_grid(batch.labels, batch.attention_mask)
-    assert int((grid == SCORED).sum()) == count_scored_targets(batch.labels)
-    assert np.array_equal(grid == PADDING, (batch.attention_mask == 0).numpy())
-    fig = plot_label_layout(batch.labels, batch.attention_mask, batch.segments, tm.SEGMENT_CODES)
-    ax = fig.axes[0]
-    assert ax.get_xlabel() and ax.get_ylabel()
-    assert np.array_equal(ax.images[0].get_array(), grid)
-    assert f"{count_scored_targets(batch.labels)} of" in ax.get_title()
-    # drawn at the text width, every text at least 9 pt
-    assert fig.get_size_inches()[0] == pytest.approx(TEXT_WIDTH_IN)
-    texts = [*ax.texts, *ax.get_legend().get_texts(),
-             *ax.get_xticklabels(), *ax.get_yticklabels(),
-             ax.xaxis.label, ax.yaxis.label, ax.title]
-    assert all(t.get_fontsize() >= 9 for t in texts)
-    matplotlib.pyplot.close(fig)
-
-
-def test_label_layout_checks_its_arguments(batch):
-    with pytest.raises(ValueError, match="attention_mask must have shape"):
-        label_layout_grid(batch.labels, batch.attention_mask[:, :-1])
-    with pytest.raises(TypeError, match="labels must hold integer"):
-        label_layout_grid(batch.labels.float(), batch.attention_mask)

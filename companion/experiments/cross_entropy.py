@@ -1,0 +1,480 @@
+"""Chapter 3's experiments: the textbook formula, and one input everywhere.
+
+* :func:`naive_log_softmax` / :func:`naive_cross_entropy`, the textbook
+  formula that overflows, for contrast with
+  :func:`companion.cross_entropy.log_softmax`, and
+  :func:`naive_versus_stable_by_scale`, both at growing logit scale;
+* :func:`tf_sparse_softmax_cross_entropy` and
+  :func:`keras_sparse_categorical_crossentropy`, the TensorFlow and Keras
+  calls with the same ignore-index semantics;
+* :func:`run_implementation` and :func:`compare_implementations`, which push
+  one NumPy input through every implementation (the package's, PyTorch,
+  ``tf.nn``, Keras) and tabulate the differences from the float64
+  reference, and :func:`format_comparison` to display that table.
+
+TensorFlow and Keras are imported inside the functions that need them, so
+importing this module does not start TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+
+from companion import IGNORE_INDEX, reference
+from companion._checks import require_class_axis
+from companion.cross_entropy import (
+    Reduction,
+    check_cross_entropy_inputs,
+    cross_entropy,
+    nll_loss,
+)
+from companion.experiments.display import bound
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "ImplementationResult",
+    "compare_implementations",
+    "format_comparison",
+    "keras_sparse_categorical_crossentropy",
+    "naive_cross_entropy",
+    "naive_log_softmax",
+    "naive_versus_stable_by_scale",
+    "run_implementation",
+    "tf_sparse_softmax_cross_entropy",
+]
+
+
+# ---------------------------------------------------------------------------
+# The textbook formula, for contrast
+# ---------------------------------------------------------------------------
+
+
+def naive_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log(exp(x) / sum_k exp(x_k))`` evaluated exactly as written.
+
+    Kept for contrast with :func:`companion.cross_entropy.log_softmax`.  In float32, ``exp`` overflows
+    to ``inf`` once a logit exceeds about 88.72 (then ``inf / inf = nan``), and
+    a probability below half the smallest subnormal (``2**-150``, about
+    ``7e-46``) rounds to 0, whose log is ``-inf``.
+
+    Args:
+        logits: ``(..., C)`` float.
+
+    Returns:
+        ``(..., C)`` of ``logits``' dtype; ``nan``/``-inf`` where the
+        formula breaks.
+    """
+    require_class_axis(logits, "logits")
+    exps = torch.exp(logits)
+    return torch.log(exps / exps.sum(dim=-1, keepdim=True))
+
+
+def naive_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """:func:`~companion.cross_entropy.nll_loss` of :func:`naive_log_softmax`.
+
+    Right in exact arithmetic, fragile in floating point.
+
+    Args:
+        logits: ``(N, C)`` float.
+        targets: ``(N,)`` int, ``ignore_index`` = skipped.
+        ignore_index: target value that contributes nothing.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        Like :func:`companion.cross_entropy.cross_entropy`, with ``inf``/``nan`` where ``exp``
+        over- or underflows.
+    """
+    check_cross_entropy_inputs(
+        logits, targets, ignore_index=ignore_index, reduction=reduction
+    )
+    return nll_loss(
+        naive_log_softmax(logits), targets, ignore_index=ignore_index,
+        reduction=reduction,
+    )
+
+
+def naive_versus_stable_by_scale(
+    scales: ArrayLike, *, dtype: torch.dtype = torch.float32
+) -> dict[str, np.ndarray]:
+    """Mean loss of a two-row batch at growing logit scale, naive and stable.
+
+    Both rows hold the logits ``s * [1, 0, -1]``; row 0 targets the top class
+    (0), row 1 the bottom class (2).  The exact mean is
+    ``s + log(1 + exp(-s) + exp(-2s))``.  In float32 the naive formula gives
+    ``inf`` once row 1's probability, about ``exp(-2s)``, rounds to 0 (``s``
+    above ``75 ln 2``, about 51.99) and
+    ``nan`` once ``exp(s)`` overflows (``s`` above about 88.72), which turns
+    row 0's probability into ``inf / inf``.
+
+    Args:
+        scales: ``(S,)`` values of ``s``.
+        dtype: floating dtype to compute in.
+
+    Returns:
+        ``{"scale": (S,), "naive": (S,), "stable": (S,)}``, float64 arrays.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype must be a floating-point torch dtype; got "
+            f"{type(dtype).__name__}"
+        )
+    s = np.asarray(scales, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(
+            f"scales must be a 1-D array (S,); got shape {s.shape}"
+        )
+    if not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating-point torch dtype; got {dtype}"
+        )
+    row = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    targets = torch.tensor([0, 2])
+    naive, stable = [], []
+    for scale in s:
+        logits = (scale * row).expand(2, 3).to(dtype)
+        naive.append(naive_cross_entropy(logits, targets).item())
+        stable.append(cross_entropy(logits, targets).item())
+    return {"scale": s, "naive": np.array(naive), "stable": np.array(stable)}
+
+
+
+
+# ---------------------------------------------------------------------------
+# The same input through every implementation
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImplementationResult:
+    """One implementation's answer on one input.
+
+    Attributes:
+        name: the implementation's key in :data:`IMPLEMENTATIONS`.
+        per_row: ``(N,)`` float64 per-row losses, 0 on ignored rows.
+        mean: the implementation's own mean over kept rows, as a float.
+    """
+
+    name: str
+    per_row: np.ndarray
+    mean: float
+
+
+def _check_numpy_inputs(
+    logits: Any, targets: Any, ignore_index: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate NumPy inputs with the tensor checks, before any framework."""
+    if not isinstance(logits, np.ndarray):
+        raise TypeError(
+            "logits must be a numpy.ndarray (N, C); got "
+            f"{type(logits).__name__}"
+        )
+    if not isinstance(targets, np.ndarray):
+        raise TypeError(
+            "targets must be a numpy.ndarray (N,); got "
+            f"{type(targets).__name__}"
+        )
+    if logits.dtype not in (np.float32, np.float64):
+        raise TypeError(
+            f"logits must be float32 or float64; got {logits.dtype}"
+        )
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise TypeError(
+            f"targets must hold integer class indices; got {targets.dtype}"
+        )
+    # Private writable copies: torch.from_numpy warns on read-only arrays.
+    logits, targets = np.array(logits), targets.astype(np.int64)
+    check_cross_entropy_inputs(
+        torch.from_numpy(logits), torch.from_numpy(targets),
+        ignore_index=ignore_index,
+    )
+    return logits, targets
+
+
+def _per_row_and_mean(
+    loss: Callable[..., torch.Tensor],
+) -> Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]:
+    """One of this package's losses as an entry of :data:`IMPLEMENTATIONS`."""
+
+    def run(
+        logits: np.ndarray, targets: np.ndarray, ignore_index: int
+    ) -> tuple[Any, Any]:
+        x, y = torch.from_numpy(logits), torch.from_numpy(targets)
+        per_row = loss(x, y, ignore_index=ignore_index, reduction="none")
+        return per_row, loss(x, y, ignore_index=ignore_index)
+
+    return run
+
+
+def _torch_cross_entropy_loss(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
+    x, y = torch.from_numpy(logits), torch.from_numpy(targets)
+    per_row = torch.nn.CrossEntropyLoss(
+        ignore_index=ignore_index, reduction="none"
+    )(x, y)
+    mean = torch.nn.CrossEntropyLoss(ignore_index=ignore_index)(x, y)
+    return per_row, mean
+
+
+def _torch_nll_of_log_softmax(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
+    x, y = torch.from_numpy(logits), torch.from_numpy(targets)
+    log_probs = torch.nn.LogSoftmax(dim=1)(x)
+    per_row = torch.nn.NLLLoss(
+        ignore_index=ignore_index, reduction="none"
+    )(log_probs, y)
+    mean = torch.nn.NLLLoss(ignore_index=ignore_index)(log_probs, y)
+    return per_row, mean
+
+
+def tf_sparse_softmax_cross_entropy(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Any, Any]:
+    """``tf.nn.sparse_softmax_cross_entropy_with_logits`` with an ignore
+    index added.
+
+    ``tf.nn`` has neither an ignore index nor a reduction, and on CPU it
+    raises for a label outside ``[0, C)``: ignored rows get class 0, and
+    their losses are then replaced by 0 and left out of the count.
+
+    Args:
+        logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``.
+        targets: ``(N,)`` integer ``numpy.ndarray``,
+            ``ignore_index`` = skipped.
+        ignore_index: target value that contributes nothing.
+
+    Returns:
+        ``(per_row, mean)`` as ``tf.Tensor``: ``(N,)`` losses (0 on ignored
+        rows) and their sum over the number of kept rows (``nan`` if none).
+    """
+    logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
+    import tensorflow as tf
+
+    kept = tf.not_equal(targets, ignore_index)
+    safe_targets = tf.where(kept, targets, tf.zeros_like(targets))
+    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=safe_targets, logits=logits
+    )
+    per_row = tf.where(kept, per_row, tf.zeros_like(per_row))
+    kept_count = tf.reduce_sum(tf.cast(kept, per_row.dtype))
+    return per_row, tf.reduce_sum(per_row) / kept_count
+
+
+def keras_sparse_categorical_crossentropy(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    from_logits: bool,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Any, Any]:
+    """``keras.losses.SparseCategoricalCrossentropy`` on logits or on
+    their softmax.
+
+    With ``from_logits=False`` the loss receives ``tf.nn.softmax(logits)``:
+    unlike ``keras.ops.softmax``, it leaves no logits behind for Keras to
+    recover, so the probability path (with its clipping) is what runs.
+
+    Args:
+        logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``; the loss
+            object computes in this dtype.
+        targets: ``(N,)`` integer ``numpy.ndarray``, ``ignore_index`` = skipped
+            (passed as ``ignore_class``).
+        from_logits: give Keras the logits (``True``) or probabilities
+            (``False``).
+        ignore_index: target value that contributes nothing.
+
+    Returns:
+        ``(per_row, mean)`` as ``tf.Tensor``: ``reduction="none"`` (0 on
+        ignored rows) and the default ``"sum_over_batch_size"`` reduction.
+    """
+    if not isinstance(from_logits, bool):
+        raise TypeError(
+            f"from_logits must be a bool; got {type(from_logits).__name__}"
+        )
+    logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
+    import keras
+    import tensorflow as tf
+
+    y_pred = logits if from_logits else tf.nn.softmax(logits)
+    options = dict(
+        from_logits=from_logits, ignore_class=ignore_index,
+        dtype=logits.dtype.name,
+    )
+    scce = keras.losses.SparseCategoricalCrossentropy
+    per_row = scce(reduction="none", **options)(targets, y_pred)
+    mean = scce(**options)(targets, y_pred)
+    return per_row, mean
+
+
+def _tf_sparse_softmax(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
+    return tf_sparse_softmax_cross_entropy(
+        logits, targets, ignore_index=ignore_index
+    )
+
+
+def _keras_from_logits(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
+    return keras_sparse_categorical_crossentropy(
+        logits, targets, from_logits=True, ignore_index=ignore_index
+    )
+
+
+def _keras_from_probs(
+    logits: np.ndarray, targets: np.ndarray, ignore_index: int
+) -> tuple[Any, Any]:
+    return keras_sparse_categorical_crossentropy(
+        logits, targets, from_logits=False, ignore_index=ignore_index
+    )
+
+
+_Implementation = Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]
+
+IMPLEMENTATIONS: dict[str, _Implementation] = {
+    "companion cross_entropy": _per_row_and_mean(cross_entropy),
+    "torch CrossEntropyLoss": _torch_cross_entropy_loss,
+    "torch NLLLoss(LogSoftmax)": _torch_nll_of_log_softmax,
+    "tf.nn sparse_softmax_ce + mask": _tf_sparse_softmax,
+    "keras SCCE from_logits=True": _keras_from_logits,
+    "keras SCCE from_logits=False": _keras_from_probs,
+    "naive log(softmax)": _per_row_and_mean(naive_cross_entropy),
+}
+"""Every implementation :func:`compare_implementations` runs, by name.
+
+Each takes ``(logits (N, C) float32|float64, targets (N,) int64,
+ignore_index)`` and returns ``(per_row, mean)`` in its own framework's
+tensor type.  The Keras entries pass ``ignore_class=ignore_index``;
+``from_logits=False`` receives ``tf.nn.softmax(logits)``.
+"""
+
+
+def _to_float64(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64).numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def run_implementation(
+    name: str,
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+) -> ImplementationResult:
+    """Run one implementation of :data:`IMPLEMENTATIONS` on NumPy inputs.
+
+    Args:
+        name: a key of :data:`IMPLEMENTATIONS`.
+        logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``; every
+            implementation computes in this dtype.
+        targets: ``(N,)`` integer ``numpy.ndarray``,
+            ``ignore_index`` = skipped.
+        ignore_index: target value that contributes nothing.
+
+    Returns:
+        The :class:`ImplementationResult`, converted to float64 NumPy.
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"name must be one of {tuple(IMPLEMENTATIONS)}; got {name!r}"
+        )
+    logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
+    per_row, mean = IMPLEMENTATIONS[name](logits, targets, ignore_index)
+    return ImplementationResult(
+        name=name, per_row=_to_float64(per_row),
+        mean=float(_to_float64(mean)),
+    )
+
+
+def compare_implementations(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    names: tuple[str, ...] | None = None,
+) -> Any:
+    """One input through every implementation, against the float64 reference.
+
+    Args:
+        logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``.
+        targets: ``(N,)`` integer ``numpy.ndarray``,
+            ``ignore_index`` = skipped.
+        ignore_index: target value that contributes nothing.
+        names: which implementations (default: all of :data:`IMPLEMENTATIONS`).
+
+    Returns:
+        A ``pandas.DataFrame`` indexed by implementation, first row
+        ``"reference (NumPy float64)"``, with columns ``dtype``, ``mean loss``,
+        ``|mean - ref|`` and ``max |row - ref|`` (the largest per-row
+        difference).  ``inf``/``nan`` propagate, so a broken implementation
+        shows as such.
+    """
+    import pandas as pd
+
+    logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
+    selected = tuple(IMPLEMENTATIONS) if names is None else names
+    ref_rows = np.asarray(reference.cross_entropy(
+        logits, targets, ignore_index=ignore_index, reduction="none"
+    ))
+    ref_mean = float(reference.cross_entropy(
+        logits, targets, ignore_index=ignore_index
+    ))
+    records = [
+        {"implementation": "reference (NumPy float64)", "dtype": "float64",
+         "mean loss": ref_mean, "|mean - ref|": 0.0, "max |row - ref|": 0.0}
+    ]
+    for name in selected:
+        result = run_implementation(
+            name, logits, targets, ignore_index=ignore_index
+        )
+        row_errors = np.abs(result.per_row - ref_rows)
+        records.append(
+            {"implementation": name, "dtype": logits.dtype.name,
+             "mean loss": result.mean,
+             "|mean - ref|": abs(result.mean - ref_mean),
+             # np.max propagates nan, so a nan row shows as nan;
+             # initial covers N = 0.
+             "max |row - ref|": float(np.max(row_errors, initial=0.0))}
+        )
+    return pd.DataFrame.from_records(records).set_index("implementation")
+
+
+def format_comparison(table: Any, threshold: float = 1e-4) -> Any:
+    """:func:`compare_implementations`' table with display-stable strings.
+
+    Args:
+        table: the ``pandas.DataFrame`` that
+            :func:`compare_implementations` returns.
+        threshold: differences below it are shown as the bound
+            ``"< 1e-4"`` (:func:`companion.experiments.display.bound`),
+            the same on every machine; float32 rows differ from the
+            float64 reference by rounding noise far below the default.
+
+    Returns:
+        A copy whose ``mean loss`` has 5 significant digits and whose
+        difference columns go through
+        :func:`companion.experiments.display.bound`.
+    """
+    shown = table.copy()
+    shown["mean loss"] = [f"{v:.5g}" for v in table["mean loss"]]
+    for column in ("|mean - ref|", "max |row - ref|"):
+        shown[column] = [bound(v, threshold) for v in table[column]]
+    return shown

@@ -1,0 +1,297 @@
+"""Tests of companion.experiments.denominator: the accumulated and
+data-parallel steps against the full batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from companion import reference
+from companion.accumulation import mean_of_means
+from companion.causal_lm_loss import count_scored_targets
+from companion.experiments.denominator import (
+    accumulation_step,
+    data_parallel_accumulation_step,
+    flat_gradient,
+    full_batch_step,
+    make_counting_batch,
+    naive_error_by_imbalance,
+    relative_difference,
+    split_rows,
+    warm_up,
+)
+from companion.experiments.tiny_models import BOS_TOKEN_ID, PAD_TOKEN_ID, build_tiny_lm
+
+from tests.shared import TINY_LM_CONFIG as CONFIG
+
+TIGHT = 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------
+
+
+def test_counting_batch_layout():
+    input_ids, labels = make_counting_batch([1, 4, 6], vocab_size=7, seed=3, total_length=8)
+    assert input_ids.shape == labels.shape == (3, 8)
+    assert torch.all(input_ids[:, 0] == BOS_TOKEN_ID)
+    assert torch.all(input_ids[0, 1:] == PAD_TOKEN_ID)
+    for row, length in enumerate([1, 4, 6]):
+        tokens = input_ids[row, 1:length]
+        assert torch.all((tokens >= 2) & (tokens < 7))
+        # Counting up, wrapping inside ids 2..V-1.
+        assert torch.all((tokens[1:] - 2) == (tokens[:-1] - 2 + 1) % 5)
+        assert torch.all(labels[row, length:] == -100)
+        assert torch.equal(labels[row, :length], input_ids[row, :length])
+    assert count_scored_targets(labels) == 0 + 3 + 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lengths": [], "vocab_size": 5}, "non-empty"),
+        ({"lengths": [0], "vocab_size": 5}, r"lengths\[0\] must be >= 1"),
+        ({"lengths": [3], "vocab_size": 2}, "vocab_size must be >= 3"),
+        ({"lengths": [5], "vocab_size": 5, "total_length": 4}, "total_length must be >="),
+    ],
+)
+def test_counting_batch_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_counting_batch(seed=0, **kwargs)
+
+
+def test_warm_up_makes_the_first_target_the_hard_one():
+    trained = build_tiny_lm(CONFIG, seed=0)
+    history = warm_up(trained, steps=30, longest_row=16)
+    assert history[-1] < 0.5 * history[0]
+    input_ids, labels = make_counting_batch([12] * 4, vocab_size=CONFIG.vocab_size, seed=9)
+    with torch.no_grad():
+        logits = trained(input_ids)
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, CONFIG.vocab_size), labels[:, 1:].reshape(-1), reduction="none"
+    ).view(4, -1)
+    assert per_token[:, 0].mean() > 10 * per_token[:, 2:].mean()
+
+
+# ---------------------------------------------------------------------------
+# The accumulated step against the full batch
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def batch_and_split(draw):
+    rows = draw(st.integers(2, 5))
+    lengths = draw(st.lists(st.integers(2, 12), min_size=rows, max_size=rows))
+    cuts = sorted(draw(st.sets(st.integers(1, rows - 1), min_size=1, max_size=rows - 1)))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, rows])]
+    seed = draw(st.integers(0, 1000))
+    return lengths, sizes, seed
+
+
+@settings(max_examples=15)
+@given(batch_and_split())
+def test_token_mean_accumulation_equals_full_batch(model, case):
+    lengths, sizes, seed = case
+    input_ids, labels = make_counting_batch(lengths, vocab_size=CONFIG.vocab_size, seed=seed)
+    full = full_batch_step(model, input_ids, labels)
+    fixed = accumulation_step(model, input_ids, labels, sizes, "token_mean")
+    with torch.no_grad():
+        logits = model(input_ids)
+    assert full.loss == pytest.approx(reference.causal_lm_loss(logits.numpy(), labels.numpy()), rel=TIGHT)
+    assert fixed.loss == pytest.approx(full.loss, rel=TIGHT)
+    assert relative_difference(fixed.gradient, full.gradient) < 1e-12
+    assert sum(fixed.token_counts) == full.token_counts[0]
+
+
+@settings(max_examples=15)
+@given(batch_and_split())
+def test_mean_of_means_accumulation_matches_its_formula(model, case):
+    lengths, sizes, seed = case
+    input_ids, labels = make_counting_batch(lengths, vocab_size=CONFIG.vocab_size, seed=seed)
+    naive = accumulation_step(model, input_ids, labels, sizes, "mean_of_means")
+    sums, counts = [], []
+    with torch.no_grad():
+        for piece_ids, piece_labels in split_rows(input_ids, labels, sizes):
+            logits = model(piece_ids).numpy()
+            sums.append(reference.causal_lm_loss(logits, piece_labels.numpy(), num_items_in_batch=1))
+            counts.append(count_scored_targets(piece_labels))
+    assert naive.loss == pytest.approx(mean_of_means(sums, counts), rel=1e-11)
+    if len(set(counts)) == 1:
+        full = full_batch_step(model, input_ids, labels)
+        assert relative_difference(naive.gradient, full.gradient) < 1e-12
+
+
+def test_naive_accumulation_is_off_when_counts_differ(model):
+    input_ids, labels = make_counting_batch([3, 3, 20], vocab_size=CONFIG.vocab_size, seed=4)
+    full = full_batch_step(model, input_ids, labels)
+    naive = accumulation_step(model, input_ids, labels, [2, 1], "mean_of_means")
+    assert naive.token_counts == (4, 19)
+    assert abs(naive.loss - full.loss) / full.loss > 0.2
+    assert relative_difference(naive.gradient, full.gradient) > 0.2
+
+
+def test_token_mean_survives_an_empty_micro_batch_but_mean_of_means_refuses(model):
+    input_ids, labels = make_counting_batch([1, 6], vocab_size=CONFIG.vocab_size, seed=2)
+    full = full_batch_step(model, input_ids, labels)
+    fixed = accumulation_step(model, input_ids, labels, [1, 1], "token_mean")
+    assert fixed.token_counts == (0, 5)
+    assert relative_difference(fixed.gradient, full.gradient) < 1e-12
+    with pytest.raises(ValueError, match="micro-batch 0 has no scored token"):
+        accumulation_step(model, input_ids, labels, [1, 1], "mean_of_means")
+
+
+def test_zero_scored_tokens_in_the_whole_batch_is_an_error(model):
+    input_ids, labels = make_counting_batch([1, 1], vocab_size=CONFIG.vocab_size, seed=0)
+    with pytest.raises(ValueError, match="no scored token in the whole batch"):
+        full_batch_step(model, input_ids, labels)
+    with pytest.raises(ValueError, match="no scored token in the whole batch"):
+        accumulation_step(model, input_ids, labels, [1, 1], "token_mean")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "reduction", "error", "match"),
+    [
+        ([1, 1], "mean", ValueError, "reduction must be one of"),
+        ([1, 2], "token_mean", ValueError, "add up to the batch's B=2"),
+        ([2, 0], "token_mean", ValueError, r"micro_batch_rows\[1\] must be >= 1"),
+        (2, "token_mean", TypeError, "micro_batch_rows must be a sequence"),
+    ],
+)
+def test_accumulation_argument_errors(model, sizes, reduction, error, match):
+    input_ids, labels = make_counting_batch([3, 4], vocab_size=CONFIG.vocab_size, seed=0)
+    with pytest.raises(error, match=match):
+        accumulation_step(model, input_ids, labels, sizes, reduction)
+
+
+def test_batch_shape_errors(model):
+    input_ids, labels = make_counting_batch([3, 4], vocab_size=CONFIG.vocab_size, seed=0)
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        full_batch_step(model, input_ids, labels[:1])
+    with pytest.raises(TypeError, match="labels must hold integer"):
+        full_batch_step(model, input_ids, labels.double())
+
+
+@st.composite
+def ranks_and_micro_batches(draw):
+    ranks = draw(st.integers(1, 3))
+    sizes = draw(
+        st.lists(
+            st.lists(st.integers(1, 2), min_size=1, max_size=3),
+            min_size=ranks,
+            max_size=ranks,
+        )
+    )
+    rows = sum(sum(rank) for rank in sizes)
+    lengths = draw(st.lists(st.integers(2, 12), min_size=rows, max_size=rows))
+    seed = draw(st.integers(0, 1000))
+    return lengths, sizes, seed
+
+
+@settings(max_examples=15)
+@given(ranks_and_micro_batches())
+def test_data_parallel_accumulation_with_global_count_is_full_batch(
+    model, case
+):
+    lengths, sizes, seed = case
+    input_ids, labels = make_counting_batch(
+        lengths, vocab_size=CONFIG.vocab_size, seed=seed
+    )
+    full = full_batch_step(model, input_ids, labels)
+    step = data_parallel_accumulation_step(
+        model, input_ids, labels, sizes, "global"
+    )
+    assert step.loss == pytest.approx(full.loss, rel=TIGHT)
+    assert relative_difference(step.gradient, full.gradient) < 1e-12
+    assert sum(step.token_counts) == full.token_counts[0]
+    assert len(step.token_counts) == sum(len(rank) for rank in sizes)
+
+
+@settings(max_examples=15)
+@given(ranks_and_micro_batches())
+def test_data_parallel_accumulation_per_rank_is_a_mean_of_rank_means(
+    model, case
+):
+    lengths, sizes, seed = case
+    input_ids, labels = make_counting_batch(
+        lengths, vocab_size=CONFIG.vocab_size, seed=seed
+    )
+    step = data_parallel_accumulation_step(
+        model, input_ids, labels, sizes, "per_rank"
+    )
+    rank_rows = [sum(rank) for rank in sizes]
+    sums, counts = [], []
+    with torch.no_grad():
+        for ids, lab in split_rows(input_ids, labels, rank_rows):
+            logits = model(ids).numpy()
+            sums.append(
+                reference.causal_lm_loss(
+                    logits, lab.numpy(), num_items_in_batch=1
+                )
+            )
+            counts.append(count_scored_targets(lab))
+    assert step.loss == pytest.approx(mean_of_means(sums, counts), rel=1e-11)
+    # Per rank it is the rank's own token mean: accumulation is right
+    # inside a rank, and only the ranks are averaged with equal weights.
+    gradients = []
+    for ids, lab in split_rows(input_ids, labels, rank_rows):
+        gradients.append(full_batch_step(model, ids, lab).gradient)
+    expected = torch.stack(gradients).mean(dim=0)
+    assert relative_difference(step.gradient, expected) < 1e-12
+
+
+def test_data_parallel_accumulation_counts_across_ranks(model):
+    input_ids, labels = make_counting_batch(
+        [3, 4, 3, 5, 20, 9], vocab_size=CONFIG.vocab_size, seed=5
+    )
+    full = full_batch_step(model, input_ids, labels)
+    right = data_parallel_accumulation_step(
+        model, input_ids, labels, [[2, 2], [1, 1]], "global"
+    )
+    wrong = data_parallel_accumulation_step(
+        model, input_ids, labels, [[2, 2], [1, 1]], "per_rank"
+    )
+    assert right.token_counts == (5, 6, 19, 8)
+    assert relative_difference(right.gradient, full.gradient) < 1e-12
+    assert relative_difference(wrong.gradient, full.gradient) > 0.2
+    # The step leaves no gradient behind in the model.
+    assert torch.count_nonzero(flat_gradient(model)) == 0
+
+
+@pytest.mark.parametrize(
+    ("sizes", "count", "error", "match"),
+    [
+        ([[1], [1]], "mean", ValueError, "count must be 'global'"),
+        ([[1], []], "global", ValueError, r"rank_micro_batch_rows\[1\]"),
+        ([], "global", ValueError, "at least 1 rank"),
+        (3, "global", TypeError, "one list of micro-batch sizes per rank"),
+        ([[1], [2]], "global", ValueError, "add up to the batch's B=2"),
+        ([[1], [1]], "per_rank", ValueError, "rank 0 has no scored token"),
+    ],
+)
+def test_data_parallel_accumulation_errors(model, sizes, count, error, match):
+    input_ids, labels = make_counting_batch(
+        [1, 4], vocab_size=CONFIG.vocab_size, seed=0
+    )
+    with pytest.raises(error, match=match):
+        data_parallel_accumulation_step(model, input_ids, labels, sizes, count)
+
+
+def test_relative_difference_errors():
+    with pytest.raises(ValueError, match="norm 0"):
+        relative_difference(torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="shape of reference"):
+        relative_difference(torch.ones(3), torch.ones(2))
+
+
+def test_naive_error_grows_with_imbalance_and_fix_stays_exact(model):
+    rows = naive_error_by_imbalance(model, [1, 2, 4, 8], vocab_size=CONFIG.vocab_size)
+    assert [row["token_ratio"] for row in rows] == [1.0, 2.0, 4.0, 8.0]
+    assert rows[0]["naive_gradient_error"] < 1e-12
+    assert all(row["fixed_gradient_error"] < 1e-12 for row in rows)
+    assert all(row["fixed_loss_error"] < 1e-12 for row in rows)
+    assert rows[-1]["naive_gradient_error"] > 0.5
+    assert rows[-1]["naive_loss_error"] > rows[1]["naive_loss_error"] > 0.01
