@@ -10,7 +10,7 @@ accumulation and data parallelism (:mod:`~companion.accumulation`), the
 fixed Keras loss and corpus metrics (:mod:`~companion.keras_loss`), memory
 measurement (:mod:`~companion.memory`) and the float64 references
 (:mod:`~companion.reference`).  The book's experiments
-(:mod:`companion.experiments`) and figures (:mod:`companion.plots`) import
+(``companion.experiments``) and figures (``companion.plots``) import
 the library, never the reverse.
 
 Importing :mod:`companion` first quietens TensorFlow's C++ logging: the two

@@ -41,7 +41,7 @@ Rules shared by every loss here and by the chunked formulations of
   and ``sum / num_items_in_batch`` is 0;
 * an empty batch (``B = 0``) or vocabulary (``V = 0``) raises ``ValueError``;
 * ``num_items_in_batch`` is ``None``, an ``int >= 1`` or a 0-D integer
-  tensor ``>= 1`` (see :func:`companion._checks.require_num_items`).
+  tensor ``>= 1`` (see ``companion._checks.require_num_items``).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def _check_num_items(num_items_in_batch: NumItems) -> float | None:
     """Return ``num_items_in_batch`` as a positive float, or ``None``.
 
     The accepted forms are those of ``label_padding_loss``, from the same
-    check (:func:`companion._checks.require_num_items`): ``None``, an
+    check (``companion._checks.require_num_items``): ``None``, an
     ``int >= 1`` or a 0-D integer tensor ``>= 1``.
     """
     value = require_num_items(num_items_in_batch, "num_items_in_batch")
@@ -294,7 +294,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     graph is built, so the forward pass computes the loss alone.  Grad
     mode is always off inside ``forward``, so it cannot tell by itself.
 
-    Inputs of :meth:`forward`: ``hidden_flat (N, d)`` float,
+    Inputs of ``forward``: ``hidden_flat (N, d)`` float,
     ``weight (V, d)`` float, ``targets (N,)`` int64 already shifted,
     ``chunk_size`` int, ``ignore_index`` int, ``denominator`` float or
     ``None`` (nothing scored: the loss is ``nan``, the gradients zero),

@@ -21,7 +21,7 @@ read, differentiated by hand and compared:
 The float64 NumPy references these are tested against are in
 :mod:`companion.reference`; the textbook formula that overflows, and the
 same loss in TensorFlow and Keras side by side, are chapter 3's experiments
-(:mod:`companion.experiments.cross_entropy`).
+(``companion.experiments.cross_entropy``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum", "none"]
+"""The ``reduction`` argument: ``"mean"``, ``"sum"`` or ``"none"``."""
+
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+"""The accepted values of ``reduction``, as PyTorch's losses take them."""
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ report is the *masked token mean*::
 where ``m`` is 1 on real tokens and 0 on padding, and ``w`` an optional
 sample weight.  Keras's own losses divide by every position, or by the sum
 of the sample weights, or lose the mask on the way through the model
-(chapter 4, :mod:`companion.experiments.keras_masking`, measures each
+(chapter 4, ``companion.experiments.keras_masking``, measures each
 case).  Here:
 
 * :class:`MaskedSparseCrossEntropy`: the loss of one batch, ``-log p(label)``

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+"""Label value the references skip, as PyTorch and transformers do."""
 
 
 def log_softmax(logits: ArrayLike) -> np.ndarray:

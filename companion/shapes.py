@@ -10,7 +10,7 @@ A causal language model scores, at every position ``t``, the token that comes
 * flatten both to ``(B*(T-1), V)`` and ``(B*(T-1),)`` for ``cross_entropy``.
 
 The functions here perform exactly those steps.  What each step does to
-shape, strides and memory is traced by :mod:`companion.experiments.shapes`.
+shape, strides and memory is traced by ``companion.experiments.shapes``.
 """
 
 from __future__ import annotations

@@ -187,3 +187,11 @@ def test_notebooks_run_the_demo_by_its_module_path(path):
     for source in _notebook_code(path):
         for module in re.findall(r'"-m",\s*"(companion[\w.]*)"', source):
             assert _is_module(module), module
+
+
+def test_the_api_page_documents_every_library_module():
+    """book/api.md has an ``automodule`` for each public library module."""
+    page = (ROOT / "book" / "api.md").read_text()
+    documented = re.findall(r"^\.\. automodule:: (companion\.\w+)$", page, re.M)
+    public = [name for name in LIBRARY if name != "companion._checks"]
+    assert sorted(documented) == public

@@ -153,3 +153,23 @@ def test_search_finds_a_term_from_a_chapter(browser, base_url):
     )
     page.close()
     assert any("01_tensor_shapes" in hit for hit in hits), hits
+
+
+def test_the_api_reference_lists_every_public_name(site_root):
+    """Every name in a library module's ``__all__`` has its entry on the page."""
+    import importlib
+
+    page = (site_root / "book" / "api.html").read_text(encoding="utf-8")
+    anchors = set(re.findall(r'id="([^"]+)"', page))
+    modules = re.findall(
+        r"^\.\. automodule:: (companion\.\w+)$",
+        (site_root.parents[1] / "book" / "api.md").read_text(), re.M,
+    )
+    assert len(modules) >= 8
+    missing = [
+        f"{module}.{name}"
+        for module in modules
+        for name in importlib.import_module(module).__all__
+        if f"{module}.{name}" not in anchors
+    ]
+    assert not missing, missing
