@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test test-portable unit nbval site notebooks lab screenshots clean
+.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots clean
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,7 +62,15 @@ notebooks: $(STAMP)
 screenshots: $(STAMP)
 	$(BIN)/python tests/site/screenshots.py
 
+# JupyterLab on copies of the chapters in _build/lab, with every glued
+# number, cross-reference and citation written in (tools/lab_notebooks.py);
+# jupyterlab-myst draws the math and the exercises.  Edit the chapters
+# themselves with `make lab-source`.
 lab: $(STAMP)
+	$(BIN)/python tools/lab_notebooks.py book _build/lab
+	$(BIN)/jupyter lab _build/lab/
+
+lab-source: $(STAMP)
 	$(BIN)/jupyter lab book/
 
 clean:
