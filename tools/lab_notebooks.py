@@ -45,7 +45,7 @@ GLUE = re.compile(r"\{glue(?::text)?\}`([^`:]+)(?::([^`]*))?`")
 DOC = re.compile(r"\{doc\}`(?:([^`<]*?)\s*<([^`>]+)>|([^`]+))`")
 TERM = re.compile(r"\{term\}`(?:([^`<]*?)\s*<[^`>]+>|([^`]+))`")
 CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
-PY = re.compile(r"\{py:\w+\}`(~?)([^`]+)`")
+PY = re.compile(r"\{py:\w+\}`(?:([^`<]*?)\s*<~?([^`>]+)>|(~?)([^`]+))`")
 REF = re.compile(r"\{(?:ref|numref)\}`(?:([^`<]*?)\s*<([^`>]+)>|([^`]+))`")
 LABEL = re.compile(r"^\(([\w-]+)\)=\s*\n#+\s+(.+)$", re.M)
 EXERCISE = re.compile(r"^```\{exercise\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*", re.M)
@@ -124,9 +124,13 @@ def resolve_markdown(
     text = DOC.sub(doc, text)
     text = TERM.sub(lambda m: m.group(1) or m.group(2), text)
     text = CITE.sub(lambda m: "[" + ", ".join(k.strip() for k in m.group(1).split(",")) + "]", text)
-    text = PY.sub(
-        lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`", text
-    )
+    def py(match: re.Match[str]) -> str:
+        title, _, short, name = match.groups()
+        if title:
+            return f"`{title}`"
+        return f"`{name.rsplit('.', 1)[-1] if short else name}`"
+
+    text = PY.sub(py, text)
     return text
 
 

@@ -81,11 +81,14 @@ def test_roles_are_resolved():
     text = (
         "loss {glue:text}`loss:.2f`, {doc}`02_llava_loss`, "
         "{term}`ignore index <Ignore index>`, {cite:p}`a, b`, "
-        "{py:func}`~companion.shapes.shift_for_next_token`, {ref}`sec`, {ref}`ex`"
+        "{py:func}`~companion.shapes.shift_for_next_token`, {ref}`sec`, {ref}`ex`, "
+        "{py:func}`the flattening <companion.shapes.flatten_for_cross_entropy>`, "
+        "{py:mod}`companion.shapes`"
     )
     assert lab.resolve_markdown(text, {"loss": 2.19058}, titles, "x", labels) == (
         "loss 2.19, [The LLaVA loss](02_llava_loss.ipynb), ignore index, [a, b], "
-        "`shift_for_next_token`, [A heading](x.ipynb#A-heading), Exercise 2"
+        "`shift_for_next_token`, [A heading](x.ipynb#A-heading), Exercise 2, "
+        "`the flattening`, `companion.shapes`"
     )
 
 
