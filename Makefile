@@ -57,7 +57,8 @@ test-portable: $(STAMP)
 # to the package or a chapter).
 notebooks: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-		--ExecutePreprocessor.timeout=600 $(NOTEBOOKS)
+		--ExecutePreprocessor.timeout=600 \
+		--CoalesceStreamsPreprocessor.enabled=True $(NOTEBOOKS)
 
 screenshots: $(STAMP)
 	$(BIN)/python tests/site/screenshots.py

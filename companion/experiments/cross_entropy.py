@@ -10,7 +10,11 @@
 * :func:`run_implementation` and :func:`compare_implementations`, which push
   one NumPy input through every implementation (the package's, PyTorch,
   ``tf.nn``, Keras) and tabulate the differences from the float64
-  reference, and :func:`format_comparison` to display that table.
+  reference, and :func:`format_comparison` to display that table;
+* :func:`keras_probability_loss_and_gradient` and
+  :func:`tf_softmax_model_loss`, Keras's loss given probabilities: the
+  gradient that its clipping leaves, and what ``fit`` and ``evaluate``
+  report for a model that ends in ``tf.nn.softmax``.
 
 TensorFlow and Keras are imported inside the functions that need them, so
 importing this module does not start TensorFlow.
@@ -27,7 +31,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from companion import IGNORE_INDEX, reference
-from companion._checks import require_class_axis
+from companion._checks import require_class_axis, require_int, require_one_of
 from companion.cross_entropy import (
     Reduction,
     check_cross_entropy_inputs,
@@ -41,11 +45,13 @@ __all__ = [
     "ImplementationResult",
     "compare_implementations",
     "format_comparison",
+    "keras_probability_loss_and_gradient",
     "keras_sparse_categorical_crossentropy",
     "naive_cross_entropy",
     "naive_log_softmax",
     "naive_versus_stable_by_scale",
     "run_implementation",
+    "tf_softmax_model_loss",
     "tf_sparse_softmax_cross_entropy",
 ]
 
@@ -202,6 +208,12 @@ def _check_numpy_inputs(
     return logits, targets
 
 
+def _require_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
 def _per_row_and_mean(
     loss: Callable[..., torch.Tensor],
 ) -> Callable[[np.ndarray, np.ndarray, int], tuple[Any, Any]]:
@@ -303,10 +315,7 @@ def keras_sparse_categorical_crossentropy(
         ``(per_row, mean)`` as ``tf.Tensor``: ``reduction="none"`` (0 on
         ignored rows) and the default ``"sum_over_batch_size"`` reduction.
     """
-    if not isinstance(from_logits, bool):
-        raise TypeError(
-            f"from_logits must be a bool; got {type(from_logits).__name__}"
-        )
+    _require_bool(from_logits, "from_logits")
     logits, targets = _check_numpy_inputs(logits, targets, ignore_index)
     import keras
     import tensorflow as tf
@@ -478,3 +487,123 @@ def format_comparison(table: Any, threshold: float = 1e-4) -> Any:
     for column in ("|mean - ref|", "max |row - ref|"):
         shown[column] = [bound(v, threshold) for v in table[column]]
     return shown
+
+
+# ---------------------------------------------------------------------------
+# Keras given probabilities: the clipping, its gradient, the training loop
+# ---------------------------------------------------------------------------
+
+
+def keras_probability_loss_and_gradient(
+    logits: np.ndarray, targets: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Keras's loss given ``tf.nn.softmax(logits)``, and its gradient.
+
+    The logits become probabilities through ``tf.nn.softmax`` (eagerly, so
+    Keras cannot recover the logits), which
+    ``keras.losses.SparseCategoricalCrossentropy(from_logits=False)`` clips
+    into ``[eps, 1 - eps]`` (``eps = keras.config.epsilon()``) before taking
+    their log; ``tf.GradientTape`` differentiates the mean loss back to the
+    logits.  A clipped probability is a constant, so its entries pass no
+    gradient: a row whose probabilities all lie outside the range gets none.
+
+    Args:
+        logits: ``(N, C)`` float32 or float64 ``numpy.ndarray``; the loss
+            computes in this dtype.
+        targets: ``(N,)`` integer ``numpy.ndarray`` in ``[0, C)``; there is
+            no ignore index.
+
+    Returns:
+        ``(loss, gradient)``: the default ``"sum_over_batch_size"`` mean as
+        a ``float``, and its ``(N, C)`` gradient with respect to ``logits``,
+        a ``numpy.ndarray`` of ``logits``' dtype.
+    """
+    logits, targets = _check_numpy_inputs(logits, targets, IGNORE_INDEX)
+    if (targets < 0).any():
+        raise ValueError(
+            f"targets must lie in [0, {logits.shape[1]}) (this loss has no "
+            f"ignore index); found {int(targets.min())}"
+        )
+    import keras
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=False, dtype=logits.dtype.name
+    )
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(targets, tf.nn.softmax(variable))
+    return float(loss), tape.gradient(loss, variable).numpy()
+
+
+def tf_softmax_model_loss(
+    logits: np.ndarray,
+    target: int,
+    *,
+    method: str,
+    run_eagerly: bool = False,
+) -> float:
+    """The loss that ``fit`` or ``evaluate`` reports for a model ending in
+    ``tf.nn.softmax``, with ``from_logits=False``.
+
+    The model maps one input, 1, through ``Dense(C)`` with a zero kernel and
+    the bias ``logits`` (so its logits are ``logits``), then a ``Lambda``
+    layer applying ``tf.nn.softmax``; it is compiled with
+    ``keras.losses.SparseCategoricalCrossentropy(from_logits=False)`` and
+    plain SGD.  Unless ``run_eagerly``, Keras runs the loss inside a
+    ``tf.function``, where it recognises the ``Softmax`` op and takes its
+    input: no clipping.  Eagerly it gets only the probabilities and clips
+    them.
+
+    Args:
+        logits: ``(C,)`` float32 or float64 ``numpy.ndarray``, the logits
+            of the one row (the model computes in float32).
+        target: the row's class, an ``int`` in ``[0, C)``.
+        method: ``"fit"`` (one epoch on the one example: the loss of the
+            batch before the update) or ``"evaluate"``.
+        run_eagerly: passed to ``Model.compile``.
+
+    Returns:
+        The reported loss, a ``float``.
+    """
+    if not isinstance(logits, np.ndarray):
+        raise TypeError(
+            f"logits must be a numpy.ndarray (C,); got {type(logits).__name__}"
+        )
+    if logits.dtype not in (np.float32, np.float64):
+        raise TypeError(
+            f"logits must be float32 or float64; got {logits.dtype}"
+        )
+    if logits.ndim != 1 or logits.shape[0] == 0:
+        raise ValueError(
+            f"logits must be a 1-D array (C,) with C >= 1; got shape "
+            f"{logits.shape}"
+        )
+    num_classes = logits.shape[0]
+    target = require_int(target, "target")
+    if not 0 <= target < num_classes:
+        raise ValueError(
+            f"target must lie in [0, {num_classes}); got {target}"
+        )
+    require_one_of(method, ("fit", "evaluate"), "method")
+    _require_bool(run_eagerly, "run_eagerly")
+    import keras
+    import tensorflow as tf
+
+    inputs = keras.Input((1,))
+    dense = keras.layers.Dense(num_classes)
+    outputs = keras.layers.Lambda(tf.nn.softmax)(dense(inputs))
+    model = keras.Model(inputs, outputs)
+    dense.set_weights([
+        np.zeros((1, num_classes), np.float32), logits.astype(np.float32)
+    ])
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False),
+        run_eagerly=run_eagerly,
+    )
+    one, label = np.ones((1, 1), np.float32), np.array([target])
+    if method == "fit":
+        history = model.fit(one, label, epochs=1, verbose=0)
+        return float(history.history["loss"][0])
+    return float(model.evaluate(one, label, verbose=0))

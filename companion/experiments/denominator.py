@@ -11,7 +11,9 @@
   parallelism on top, simulated in one process
   (:func:`data_parallel_accumulation_step`);
 * the naive error as the token counts of two micro-batches drift apart
-  (:func:`naive_error_by_imbalance`).
+  (:func:`naive_error_by_imbalance`);
+* the lines of ``transformers``' ``Trainer`` that the chapter quotes
+  (:func:`source_excerpt`).
 
 The same comparison with real processes is
 :mod:`companion.experiments.ddp_demo`.
@@ -19,10 +21,12 @@ The same comparison with real processes is
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -60,6 +64,7 @@ __all__ = [
     "make_counting_batch",
     "naive_error_by_imbalance",
     "relative_difference",
+    "source_excerpt",
     "split_rows",
     "warm_up",
 ]
@@ -585,3 +590,84 @@ def naive_error_by_imbalance(
         )
     model.zero_grad(set_to_none=True)
     return rows
+
+
+# ---------------------------------------------------------------------------
+# Quoting the installed transformers
+# ---------------------------------------------------------------------------
+
+
+def source_excerpt(
+    function: Callable[..., Any],
+    first_marker: str,
+    last_marker: str,
+    *,
+    before: int = 0,
+) -> str:
+    """Consecutive lines of a function's source, from marker to marker.
+
+    The excerpt runs from the first line containing ``first_marker`` to the
+    first line at or after it containing ``last_marker``, starting
+    ``before`` lines earlier, and is dedented.  Quoting by markers rather
+    than by line numbers keeps the quote on the lines the chapter talks
+    about when the installed version moves them.
+
+    Args:
+        function: a function or method defined in Python source, e.g.
+            ``transformers.Trainer.compute_loss``.
+        first_marker: text on the excerpt's first line (before ``before``).
+        last_marker: text on the excerpt's last line.
+        before: lines to include above the ``first_marker`` line, ``>= 0``.
+
+    Returns:
+        The excerpt's lines joined by newlines, without a trailing newline.
+
+    Raises:
+        TypeError: ``function`` is not a function or method, a marker is
+            not a ``str``, ``before`` is not an ``int``.
+        ValueError: an empty marker, a marker that does not occur (the
+            last one at or after the first), ``before < 0`` or reaching
+            above the source's first line.
+    """
+    if not (inspect.isfunction(function) or inspect.ismethod(function)):
+        raise TypeError(
+            "function must be a Python function or method; "
+            f"got {type(function).__name__}"
+        )
+    for name, marker in (
+        ("first_marker", first_marker),
+        ("last_marker", last_marker),
+    ):
+        if not isinstance(marker, str):
+            raise TypeError(
+                f"{name} must be a str; got {type(marker).__name__}"
+            )
+        if not marker:
+            raise ValueError(f"{name} must be a non-empty str")
+    before = require_int(before, "before")
+    if before < 0:
+        raise ValueError(f"before must be >= 0; got {before}")
+    lines = inspect.getsource(function).splitlines()
+    where = f"the source of {function.__qualname__}"
+    first = next(
+        (i for i, line in enumerate(lines) if first_marker in line), None
+    )
+    if first is None:
+        raise ValueError(
+            f"first_marker {first_marker!r} does not occur in {where}"
+        )
+    last = next(
+        (i for i in range(first, len(lines)) if last_marker in lines[i]),
+        None,
+    )
+    if last is None:
+        raise ValueError(
+            f"last_marker {last_marker!r} does not occur in {where} "
+            f"at or after first_marker {first_marker!r}"
+        )
+    if before > first:
+        raise ValueError(
+            f"before must be <= {first}, the lines above first_marker in "
+            f"{where}; got {before}"
+        )
+    return textwrap.dedent("\n".join(lines[first - before : last + 1]))

@@ -88,6 +88,7 @@ __all__ = [
     "padding_confident_logits",
     "padding_sweep",
     "quiet_retracing_warnings",
+    "reference_nll_sums",
     "reference_token_nll",
     "report",
     "sample_weight_masking_table",
@@ -199,17 +200,53 @@ def _check_batch(
         raise ValueError(
             f"labels must lie in [0, {num_classes}) (columns of token_logits)"
         )
-    weights = None
-    if sample_weight is not None:
-        weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
-        if weights.shape != token_ids.shape:
-            raise ValueError(
-                "sample_weight must have the shape of inputs "
-                f"{token_ids.shape} (B, T); got {weights.shape}"
-            )
-        if weights.min() < 0:
-            raise ValueError("sample_weight must be >= 0")
+    weights = _sample_weights(sample_weight, token_ids.shape, "inputs")
+    if weights is not None and weights.min() < 0:
+        raise ValueError("sample_weight must be >= 0")
     return token_ids, label_ids, weights
+
+
+def _sample_weights(
+    sample_weight: ArrayLike | None, shape: tuple[int, ...], other: str
+) -> np.ndarray | None:
+    """``sample_weight`` as float64 ``(B, T)`` of the shape of ``other``."""
+    if sample_weight is None:
+        return None
+    weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
+    if weights.shape != shape:
+        raise ValueError(
+            f"sample_weight must have the shape of {other} "
+            f"{shape} (B, T); got {weights.shape}"
+        )
+    return weights
+
+
+def _check_logits_batch(
+    logits: ArrayLike, labels: ArrayLike, sample_weight: ArrayLike | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check ``(labels (B, T), logits (B, T, C), sample_weight (B, T))``.
+
+    Returns the logits as float64, the labels as int64 and the weights as
+    float64 (or ``None``); errors name the argument.
+    """
+    label_ids = _int_matrix(labels, "labels")
+    scores = _float_array(logits, "logits", 3, "(B, T, C)")
+    if scores.shape[:2] != label_ids.shape:
+        raise ValueError(
+            f"logits must have shape {label_ids.shape} + (C,); "
+            f"got {scores.shape}"
+        )
+    num_classes = scores.shape[2]
+    if num_classes < 1:
+        raise ValueError(
+            f"logits must have C >= 1 classes; got shape {scores.shape}"
+        )
+    if label_ids.min() < 0 or label_ids.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (0 = padding); "
+            f"got values in [{label_ids.min()}, {label_ids.max()}]"
+        )
+    return scores, label_ids, _sample_weights(sample_weight, label_ids.shape, "labels")
 
 
 def _check_token_logits(token_logits: ArrayLike) -> np.ndarray:
@@ -287,6 +324,49 @@ def token_weighted_mean(per_token: ArrayLike, weights: ArrayLike) -> float:
         )
     total = float(w.sum())
     return float((w * values).sum() / total) if total else float("nan")
+
+
+def reference_nll_sums(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+) -> tuple[float, float]:
+    """Float64 sums of one batch's weighted token losses, padding excluded.
+
+    The reference the chapter checks the fixed loss and the corpus metrics
+    of :mod:`companion.keras_loss` against.  With
+    ``nll[b, t] = -log softmax(logits[b, t])[labels[b, t]]`` and
+    ``w = sample_weight * (labels != PADDING_ID)`` (``sample_weight = 1``
+    when omitted), it returns ``(sum(w * nll), sum(w))``.  Their ratio is
+    the batch's loss; adding both sums over batches and dividing once gives
+    the corpus value.
+
+    Args:
+        logits: ``(B, T, C)`` float, scores before the softmax.
+        labels: ``(B, T)`` int class ids in ``[0, C)``, ``0``
+            (:data:`~companion.keras_loss.PADDING_ID`) = padding.
+        sample_weight: ``None`` or ``(B, T)`` float ``>= 0``.
+
+    Returns:
+        ``(weighted loss sum, weight sum)``, Python floats computed in
+        float64.
+
+    Raises:
+        TypeError: non-integer labels, non-real logits or weights.
+        ValueError: shapes that disagree, labels outside ``[0, C)``,
+            non-finite values, negative weights.
+    """
+    scores, label_ids, weights = _check_logits_batch(
+        logits, labels, sample_weight
+    )
+    if weights is None:
+        weights = np.ones(label_ids.shape)
+    elif weights.min() < 0:
+        raise ValueError("sample_weight must be >= 0")
+    log_probs = reference.log_softmax(scores)
+    picked = np.take_along_axis(log_probs, label_ids[..., None], axis=-1)
+    w = weights * (label_ids != PADDING_ID)
+    return float((w * -picked[..., 0]).sum()), float(w.sum())
 
 
 def historical_masked_mean(
@@ -1141,34 +1221,14 @@ def fixed_loss_on_backend(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    label_ids = _int_matrix(labels, "labels")
-    scores = _float_array(logits, "logits", 3, "(B, T, C)")
-    if scores.shape[:2] != label_ids.shape:
-        raise ValueError(
-            f"logits must have shape {label_ids.shape} + (C,); "
-            f"got {scores.shape}"
-        )
-    num_classes = scores.shape[2]
-    if num_classes < 1:
-        raise ValueError(
-            f"logits must have C >= 1 classes; got shape {scores.shape}"
-        )
-    if label_ids.min() < 0 or label_ids.max() >= num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) (0 = padding); "
-            f"got values in [{label_ids.min()}, {label_ids.max()}]"
-        )
+    scores, label_ids, weights = _check_logits_batch(
+        logits, labels, sample_weight
+    )
     arrays = {
         "labels": label_ids.astype(np.int32),
         "logits": scores.astype(np.float32),
     }
-    if sample_weight is not None:
-        weights = _float_array(sample_weight, "sample_weight", 2, "(B, T)")
-        if weights.shape != label_ids.shape:
-            raise ValueError(
-                f"sample_weight must have the shape of labels "
-                f"{label_ids.shape} (B, T); got {weights.shape}"
-            )
+    if weights is not None:
         arrays["weights"] = weights.astype(np.float32)
     environment = dict(os.environ, KERAS_BACKEND=backend)
     with tempfile.TemporaryDirectory() as folder:

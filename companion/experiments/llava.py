@@ -5,7 +5,10 @@ supervised fine-tuning (``<bos> <image>*N prompt answer <eos>``, right
 padding, only the answer supervised), and :func:`check_family_losses` runs
 every tiny model of :mod:`companion.experiments.tiny_models` on it and puts
 each model's own ``.loss`` next to the formulations of
-:mod:`companion.causal_lm_loss`.
+:mod:`companion.causal_lm_loss` (:func:`family_loss_table` prints them).
+:func:`logits_copy_bytes` counts, on the ``meta`` device, the logits copies
+each loss route makes at realistic sizes, and :func:`layers_phrase` writes
+a layer count as the chapter's prose says it.
 """
 
 from __future__ import annotations
@@ -14,15 +17,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 import torch
 
 from companion import IGNORE_INDEX
-from companion._checks import require_positive_int
+from companion._checks import (
+    require_one_of,
+    require_positive_int,
+    require_sequence,
+)
 from companion.causal_lm_loss import (
     label_padding_loss,
     shift_and_slice_loss,
     unshifted_token_loss,
 )
+from companion.experiments.shapes import trace_shift_and_flatten
 from companion.experiments.tiny_models import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -39,19 +48,28 @@ from companion.experiments.tiny_models import (
 )
 
 __all__ = [
+    "LOSS_ROUTES",
     "SEGMENT_CODES",
     "FamilyLossCheck",
     "LlavaTrainingBatch",
     "answer_only_labels",
     "build_llava_batch",
     "check_family_losses",
+    "family_loss_table",
     "first_answer_position",
+    "layers_phrase",
+    "logits_copy_bytes",
 ]
 
 #: Segment codes of :class:`LlavaTrainingBatch` ``segments``.
 SEGMENT_CODES: dict[str, int] = {
     "bos": 0, "image": 1, "prompt": 2, "answer": 3, "padding": 4,
 }
+
+#: The two routes from ``logits (B, T, V)`` to a loss that
+#: :func:`logits_copy_bytes` compares: ``shift_and_slice_loss`` and
+#: transformers' ``ForCausalLMLoss`` (``label_padding_loss``).
+LOSS_ROUTES: tuple[str, ...] = ("shift and slice", "label padding")
 
 
 @dataclass(frozen=True)
@@ -295,3 +313,111 @@ def check_family_losses(
                 )
             )
     return checks
+
+
+def family_loss_table(checks: Sequence[FamilyLossCheck]) -> str:
+    """The checks of :func:`check_family_losses` as the chapter prints them.
+
+    One row per check (:meth:`FamilyLossCheck.as_row`), at most 79
+    characters wide: losses with 4 decimals; a difference below ``1e-6``,
+    float32 rounding, as ``"< 1e-6"`` on every machine; a larger one with 4
+    decimals.
+
+    Args:
+        checks: one or more :class:`FamilyLossCheck`.
+
+    Returns:
+        The table as text, without a trailing newline.
+    """
+    require_sequence(checks, "checks", "a sequence of FamilyLossCheck")
+    if not checks:
+        raise ValueError("checks must hold at least one FamilyLossCheck")
+    for index, check in enumerate(checks):
+        if not isinstance(check, FamilyLossCheck):
+            raise TypeError(
+                f"checks[{index}] must be a FamilyLossCheck; "
+                f"got {type(check).__name__}"
+            )
+
+    def difference(value: float) -> str:
+        return "< 1e-6" if value < 1e-6 else f"{value:.4f}"
+
+    table = pd.DataFrame([check.as_row() for check in checks])
+    return table.to_string(index=False, formatters={
+        "model loss": "{:.4f}".format,
+        "diff shifted": difference,
+        "diff unshifted": difference,
+    })
+
+
+def logits_copy_bytes(
+    batch: int,
+    time: int,
+    vocab: int,
+    route: str,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes of the logits copies one loss route makes, counted on ``meta``.
+
+    The logits are ``(batch, time, vocab)`` of ``dtype``, laid out as a
+    model returns them (contiguous).  Nothing is allocated, so realistic
+    sizes are free to ask about.
+
+    * ``"shift and slice"`` (``shift_and_slice_loss``): the
+      ``.contiguous()`` of the sliced logits ``(B, T - 1, V)``, in
+      ``dtype``, traced by
+      :func:`companion.experiments.shapes.trace_shift_and_flatten`: a
+      copy when ``B > 1``, nothing when ``B = 1``.  (The package's own
+      function also upcasts half precision first; the route counted here is
+      the slice as the source material writes it.)
+    * ``"label padding"`` (transformers' ``ForCausalLMLoss``):
+      ``logits.float()``, a ``(B, T, V)`` float32 copy unless the logits
+      are float32 already (float64 is rounded down, half precision upcast);
+      its ``.view(-1, V)`` never copies.
+
+    Args:
+        batch: ``B >= 1``.
+        time: ``T >= 2`` (one next-token pair at least).
+        vocab: ``V >= 1``.
+        route: one of :data:`LOSS_ROUTES`.
+        dtype: a floating ``torch.dtype`` of the logits.
+
+    Returns:
+        The bytes copied, 0 when the route copies nothing.
+    """
+    batch = require_positive_int(batch, "batch")
+    time = require_positive_int(time, "time")
+    vocab = require_positive_int(vocab, "vocab")
+    if time < 2:
+        raise ValueError(
+            f"time must be >= 2 (one next-token pair at least); got {time}"
+        )
+    require_one_of(route, LOSS_ROUTES, "route")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype; got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype; got {dtype}")
+    logits = torch.empty(batch, time, vocab, dtype=dtype, device="meta")
+    if route == "shift and slice":
+        labels = torch.empty(batch, time, dtype=torch.long, device="meta")
+        steps = trace_shift_and_flatten(logits, labels)
+        return sum(
+            step.nbytes for step in steps
+            if step.tensor == "logits" and step.copied
+        )
+    upcast = logits.float()  # ForCausalLMLoss's first line
+    upcast.view(-1, vocab)  # raises rather than copy
+    return 0 if upcast is logits else upcast.numel() * upcast.element_size()
+
+
+def layers_phrase(count: int) -> str:
+    """A number of layers as the prose says it: ``"1 layer"``, ``"2 layers"``.
+
+    Args:
+        count: ``>= 1`` layers.
+
+    >>> layers_phrase(1), layers_phrase(2)
+    ('1 layer', '2 layers')
+    """
+    count = require_positive_int(count, "count")
+    return f"{count} layer" if count == 1 else f"{count} layers"

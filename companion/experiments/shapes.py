@@ -2,27 +2,32 @@
 
 For chapter 1: what each step of the next-token shift does to shape,
 strides and memory (:func:`trace_shift_and_flatten`, on real tensors or on
-the ``meta`` device, where realistic sizes cost nothing), when the sliced
-logits are contiguous, how many bytes a logits tensor takes, and the same
-steps in TensorFlow.
+the ``meta`` device, where realistic sizes cost nothing, and
+:func:`trace_table`, the same as a table), whether two tensors share memory
+(:func:`shares_storage`), when the sliced logits are contiguous, how many
+bytes a logits tensor takes, and the same steps in TensorFlow.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import pandas as pd
 import torch
 
-from companion._checks import require_positive_int
+from companion._checks import require_positive_int, require_sequence, require_tensor
 from companion.shapes import check_logits_and_labels
 
 __all__ = [
     "TensorStep",
     "logits_nbytes",
+    "shares_storage",
     "slice_is_contiguous",
     "tf_shift_and_flatten",
     "trace_shift_and_flatten",
+    "trace_table",
 ]
 
 
@@ -58,18 +63,35 @@ def _storage_address(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _shares_memory(result: torch.Tensor, source: torch.Tensor) -> bool:
-    """Whether ``result`` is a view of ``source`` (no copy was made).
+def _view_root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory ``tensor`` borrows (itself if it is no view)."""
+    return tensor if tensor._base is None else tensor._base
 
-    Real tensors are compared by the address of their storage.  ``meta``
-    tensors have no storage, so there the autograd view relation is used:
-    a view's ``_base`` is the tensor whose memory it borrows.
+
+def shares_storage(result: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``result`` lives in the memory of ``source``: a view, no copy.
+
+    Real tensors are compared by the address of their *storage*, not of
+    their first element, so a slice that starts later in the same block
+    (``x[:, 1:]``) still counts as sharing it.  ``meta`` tensors have no
+    storage; there the autograd view relation is used: a view's ``_base``
+    is the tensor whose memory it borrows.  A ``meta`` tensor never shares
+    memory with a real one.
+
+    Args:
+        result: a tensor of any shape and dtype, e.g. ``(B, T - 1, V)``.
+        source: a tensor of any shape and dtype, e.g. ``(B, T, V)``.
+
+    Returns:
+        ``True`` when both use one block of memory, ``False`` when
+        ``result`` was copied.
     """
-    if result.is_meta:
-        def root(t: torch.Tensor) -> torch.Tensor:
-            return t if t._base is None else t._base
-
-        return root(result) is root(source)
+    require_tensor(result, "result")
+    require_tensor(source, "source")
+    if result.is_meta or source.is_meta:
+        return result.is_meta and source.is_meta and (
+            _view_root(result) is _view_root(source)
+        )
     return _storage_address(result) == _storage_address(source)
 
 
@@ -91,7 +113,7 @@ def trace_shift_and_flatten(logits: torch.Tensor, labels: torch.Tensor) -> list[
     steps: list[TensorStep] = []
 
     def record(name: str, code: str, result: torch.Tensor, source: torch.Tensor | None) -> None:
-        copied = source is not None and not _shares_memory(result, source)
+        copied = source is not None and not shares_storage(result, source)
         steps.append(
             TensorStep(
                 tensor=name,
@@ -123,6 +145,27 @@ def trace_shift_and_flatten(logits: torch.Tensor, labels: torch.Tensor) -> list[
     moved = flat_labels.to(logits.device)
     record("labels", ".to(logits.device)", moved, flat_labels)
     return steps
+
+
+def trace_table(steps: Sequence[TensorStep]) -> pd.DataFrame:
+    """The steps of :func:`trace_shift_and_flatten` as a table.
+
+    Args:
+        steps: :class:`TensorStep` objects, in the order they ran.
+
+    Returns:
+        One row per step, with the columns of :class:`TensorStep` in their
+        order: ``tensor``, ``code``, ``shape``, ``stride``, ``contiguous``,
+        ``copied`` (bool), ``nbytes`` (int).
+    """
+    require_sequence(steps, "steps", "a sequence of TensorStep")
+    for index, step in enumerate(steps):
+        if not isinstance(step, TensorStep):
+            raise TypeError(
+                f"steps[{index}] must be a TensorStep; got {type(step).__name__}"
+            )
+    columns = [field.name for field in fields(TensorStep)]
+    return pd.DataFrame([step.as_row() for step in steps], columns=columns)
 
 
 def slice_is_contiguous(batch: int, time: int, vocab: int) -> bool:

@@ -135,11 +135,38 @@ def test_keras_epsilon_and_clipping_cap():
 
 
 def test_keras_clipping_stops_the_gradient():
-    variable = tf.Variable(np.array([[0.0, 40.0, 0.0]], dtype=np.float32))
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
-    with tf.GradientTape() as tape:
-        loss = loss_fn(np.array([0]), tf.nn.softmax(variable))
-    assert np.array_equal(tape.gradient(loss, variable).numpy(), np.zeros((1, 3), np.float32))
+    loss, gradient = ce_exp.keras_probability_loss_and_gradient(
+        np.array([[0.0, 40.0, 0.0]], dtype=np.float32), np.array([0]))
+    assert loss == pytest.approx(-math.log(1e-7), abs=1e-4)
+    assert gradient.dtype == np.float32
+    assert np.array_equal(gradient, np.zeros((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keras_probability_gradient_is_softmax_minus_one_hot_inside_the_clip_range(dtype):
+    # Logits this small keep every probability inside [1e-7, 1 - 1e-7]: no
+    # clipping, so the loss and gradient are the exact mean cross-entropy's.
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 4)).astype(dtype)
+    targets = np.array([2, 0, 3])
+    loss, gradient = ce_exp.keras_probability_loss_and_gradient(logits, targets)
+    expected = ce.cross_entropy_grad(torch.from_numpy(logits.astype(np.float64)),
+                                     torch.from_numpy(targets)).numpy()
+    atol = 1e-6 if dtype == np.float32 else 1e-12
+    assert gradient.shape == (3, 4) and gradient.dtype == dtype
+    np.testing.assert_allclose(gradient, expected, rtol=0, atol=atol)
+    assert loss == pytest.approx(float(reference.cross_entropy(logits, targets)), abs=10 * atol)
+
+
+def test_keras_probability_gradient_leaves_clipped_rows_out_only():
+    # Row 0 is clipped everywhere (no gradient); row 1 is not, and keeps the
+    # exact gradient of the two-row mean.
+    logits = np.array([[0.0, 40.0, 0.0], [0.5, -0.5, 1.0]], dtype=np.float32)
+    targets = np.array([0, 1])
+    _, gradient = ce_exp.keras_probability_loss_and_gradient(logits, targets)
+    exact = ce.cross_entropy_grad(torch.from_numpy(logits), torch.from_numpy(targets)).numpy()
+    assert np.array_equal(gradient[0], np.zeros(3, np.float32))
+    np.testing.assert_allclose(gradient[1], exact[1], rtol=0, atol=1e-6)
 
 
 def test_keras_recovers_logits_from_keras_softmax():
@@ -168,21 +195,23 @@ def test_keras_recovers_logits_from_a_softmax_op_in_graph_mode():
 def test_keras_training_loop_recovers_logits_unless_run_eagerly(
     method, run_eagerly, expected,
 ):
-    bias = np.array([0.0, 40.0, 0.0, 0.0, 0.0], dtype=np.float32)
-    inputs = keras.Input((1,))
-    dense = keras.layers.Dense(5)
-    outputs = keras.layers.Lambda(tf.nn.softmax)(dense(inputs))
-    model = keras.Model(inputs, outputs)
-    dense.set_weights([np.zeros((1, 5), np.float32), bias])
-    model.compile(optimizer="sgd",
-                  loss=keras.losses.SparseCategoricalCrossentropy(),
-                  run_eagerly=run_eagerly)
-    x, y = np.ones((1, 1), np.float32), np.array([0])
-    if method == "fit":  # one batch: the loss is taken before the update
-        loss = model.fit(x, y, epochs=1, verbose=0).history["loss"][0]
-    else:
-        loss = model.evaluate(x, y, verbose=0)
-    assert float(loss) == pytest.approx(expected, abs=1e-4)
+    logits = np.array([0.0, 40.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    loss = ce_exp.tf_softmax_model_loss(logits, 0, method=method, run_eagerly=run_eagerly)
+    assert isinstance(loss, float)
+    assert loss == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fit", "evaluate"])
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_tf_softmax_model_loss_is_the_loss_of_its_target_before_any_update(method, run_eagerly):
+    # Nothing is clipped at these logits: every mode reports the exact loss
+    # of the given target (fit: of the batch before the SGD step).
+    logits = np.array([0.3, -1.2, 2.0, 0.4], dtype=np.float32)
+    for target in (1, 2):
+        exact = float(reference.cross_entropy(logits[None, :], np.array([target])))
+        loss = ce_exp.tf_softmax_model_loss(logits, target, method=method,
+                                            run_eagerly=run_eagerly)
+        assert loss == pytest.approx(exact, abs=1e-5)
 
 
 def test_only_the_tensorflow_backend_recovers_logits():
@@ -198,11 +227,8 @@ def test_keras_clipping_shrinks_the_target_gradient_to_about_p_y():
     # Only the target (and two small entries) are clipped: the gradient on
     # the target logit is about -p_y instead of p_y - 1 = -1.
     row = np.array([[0.0, 20.0, 20.0, 0.0, 0.0]], dtype=np.float32)
-    variable = tf.Variable(row)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
-    with tf.GradientTape() as tape:
-        loss = loss_fn(np.array([0]), tf.nn.softmax(variable))
-    grad = tape.gradient(loss, variable).numpy()[0]
+    _, gradient = ce_exp.keras_probability_loss_and_gradient(row, np.array([0]))
+    grad = gradient[0]
     p_y = float(torch.softmax(torch.from_numpy(row[0]), dim=0)[0])
     assert p_y < keras.config.epsilon()
     assert grad[0] < 0 and grad[0] == pytest.approx(-p_y, rel=1e-2)
@@ -322,3 +348,47 @@ def test_naive_functions_reject_bad_input():
         ce_exp.naive_cross_entropy(GOOD_LOGITS, torch.tensor([0, 1, 9]))
     with pytest.raises(ValueError, match="class axis"):
         ce_exp.naive_log_softmax(torch.tensor(1.0))
+
+
+KERAS_ROW = np.array([[0.0, 1.0, 2.0]], dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "error", "name"),
+    [
+        (KERAS_ROW.tolist(), np.array([0]), TypeError, "logits"),
+        (KERAS_ROW.astype(np.float16), np.array([0]), TypeError, "logits"),
+        (KERAS_ROW[0], np.array([0]), ValueError, "logits"),
+        (KERAS_ROW, np.array([0.0]), TypeError, "targets"),
+        (KERAS_ROW, np.array([0, 1]), ValueError, "targets"),
+        (KERAS_ROW, np.array([3]), ValueError, "targets"),
+        (KERAS_ROW, np.array([-1]), ValueError, "targets"),
+        (KERAS_ROW, np.array([IGNORE_INDEX]), ValueError, "targets"),
+    ],
+)
+def test_keras_probability_loss_and_gradient_rejects_bad_input(logits, targets, error, name):
+    with pytest.raises(error, match=rf"^{name}\b") as info:
+        ce_exp.keras_probability_loss_and_gradient(logits, targets)
+    assert "companion" in pathlib.Path(str(info.traceback[-1].path)).parts
+
+
+@pytest.mark.parametrize(
+    ("logits", "target", "kwargs", "error", "name"),
+    [
+        (KERAS_ROW[0].tolist(), 0, {}, TypeError, "logits"),
+        (KERAS_ROW[0].astype(np.int64), 0, {}, TypeError, "logits"),
+        (KERAS_ROW, 0, {}, ValueError, "logits"),
+        (np.zeros(0, np.float32), 0, {}, ValueError, "logits"),
+        (KERAS_ROW[0], 0.0, {}, TypeError, "target"),
+        (KERAS_ROW[0], True, {}, TypeError, "target"),
+        (KERAS_ROW[0], 3, {}, ValueError, "target"),
+        (KERAS_ROW[0], IGNORE_INDEX, {}, ValueError, "target"),
+        (KERAS_ROW[0], 0, {"method": "predict"}, ValueError, "method"),
+        (KERAS_ROW[0], 0, {"run_eagerly": 1}, TypeError, "run_eagerly"),
+    ],
+)
+def test_tf_softmax_model_loss_rejects_bad_input(logits, target, kwargs, error, name):
+    options = {"method": "evaluate", **kwargs}
+    with pytest.raises(error, match=rf"^{name}\b") as info:
+        ce_exp.tf_softmax_model_loss(logits, target, **options)
+    assert "companion" in pathlib.Path(str(info.traceback[-1].path)).parts

@@ -20,6 +20,7 @@ from companion.experiments.denominator import (
     make_counting_batch,
     naive_error_by_imbalance,
     relative_difference,
+    source_excerpt,
     split_rows,
     warm_up,
 )
@@ -295,3 +296,65 @@ def test_naive_error_grows_with_imbalance_and_fix_stays_exact(model):
     assert all(row["fixed_loss_error"] < 1e-12 for row in rows)
     assert rows[-1]["naive_gradient_error"] > 0.5
     assert rows[-1]["naive_loss_error"] > rows[1]["naive_loss_error"] > 0.01
+
+
+# ---------------------------------------------------------------------------
+# Quoting source by markers
+# ---------------------------------------------------------------------------
+
+
+def _quoted(value):
+    total = 0
+    if value:
+        # start here
+        total += value
+        total *= 2  # stop here
+    return total
+
+
+class _Holder:
+    def method(self):
+        first = 1
+        second = 2
+        return first + second
+
+
+def test_source_excerpt_runs_from_marker_to_marker_dedented():
+    assert source_excerpt(_quoted, "start here", "stop here") == (
+        "# start here\ntotal += value\ntotal *= 2  # stop here"
+    )
+    assert source_excerpt(_quoted, "start here", "stop here", before=1) == (
+        "if value:\n    # start here\n    total += value\n"
+        "    total *= 2  # stop here"
+    )
+    assert source_excerpt(_Holder().method, "second", "return") == (
+        "second = 2\nreturn first + second"
+    )
+
+
+def test_source_excerpt_looks_for_the_last_marker_from_the_first():
+    # "total" also occurs above the first marker ("total = 0").
+    assert source_excerpt(_quoted, "start here", "total") == (
+        "# start here\ntotal += value"
+    )
+    assert source_excerpt(_quoted, "total *= 2", "total") == (
+        "total *= 2  # stop here"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((len, "a", "b"), {}, TypeError, "function must be a Python function"),
+        ((_quoted, 1, "b"), {}, TypeError, "first_marker must be a str"),
+        ((_quoted, "total", ""), {}, ValueError, "last_marker must be a non-empty"),
+        ((_quoted, "absent", "total"), {}, ValueError, "first_marker 'absent' does not occur"),
+        ((_quoted, "stop here", "if value"), {}, ValueError, "last_marker 'if value'"),
+        ((_quoted, "total", "total"), {"before": -1}, ValueError, "before must be >= 0"),
+        ((_quoted, "total", "total"), {"before": 1.0}, TypeError, "before must be an int"),
+        ((_quoted, "total = 0", "total"), {"before": 3}, ValueError, "before must be <= 1"),
+    ],
+)
+def test_source_excerpt_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        source_excerpt(*args, **kwargs)

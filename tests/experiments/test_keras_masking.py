@@ -179,6 +179,54 @@ def test_historical_masked_mean_is_the_sources_number() -> None:
     assert true == pytest.approx(1.609438, abs=1e-6)
 
 
+def test_reference_nll_sums_of_uniform_logits_count_real_weights_only() -> None:
+    labels = np.array([[1, 2, 0], [3, 0, 0]])
+    weights = np.array([[2.0, 1.0, 5.0], [0.5, 7.0, 7.0]])
+    total, weight = km.reference_nll_sums(np.zeros((2, 3, 4)), labels, weights)
+    # Real tokens weigh 2 + 1 + 0.5; padding, however heavy, weighs nothing.
+    assert weight == 3.5
+    assert total == pytest.approx(3.5 * math.log(4), rel=1e-15)
+    unweighted = km.reference_nll_sums(np.zeros((2, 3, 4)), labels)
+    assert unweighted == pytest.approx((3 * math.log(4), 3.0), rel=1e-15)
+
+
+def test_reference_nll_sums_match_a_loop_over_tokens() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=3.0, size=(3, 5, 6)).astype(np.float32)
+    labels = rng.integers(0, 6, size=(3, 5))
+    weights = rng.uniform(0.0, 2.0, size=(3, 5))
+    total, weight = 0.0, 0.0
+    for b in range(3):
+        for t in range(5):
+            if labels[b, t] == keras_loss.PADDING_ID:
+                continue
+            row = logits[b, t].astype(np.float64)
+            log_z = math.log(sum(math.exp(x) for x in row))
+            total += weights[b, t] * (log_z - row[labels[b, t]])
+            weight += weights[b, t]
+    got = km.reference_nll_sums(logits, labels, weights)
+    assert got == pytest.approx((total, weight), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((np.zeros((1, 3, 4)), np.ones((1, 3))), TypeError, "labels must hold integer"),
+        ((np.zeros((1, 3, 4)), np.ones((1, 2), int)), ValueError, "logits must have shape"),
+        ((np.zeros((1, 3, 4)), np.full((1, 3), 4)), ValueError, r"labels must lie in \[0, 4\)"),
+        ((np.zeros((3, 4)), np.ones((1, 3), int)), ValueError, "logits must be a 3-D"),
+        ((np.zeros((1, 3, 4)), np.ones((1, 3), int), np.ones((1, 2))), ValueError,
+         "sample_weight must have the shape"),
+        ((np.zeros((1, 3, 4)), np.ones((1, 3), int), -np.ones((1, 3))), ValueError,
+         "sample_weight must be >= 0"),
+        ((np.full((1, 3, 4), np.nan), np.ones((1, 3), int)), ValueError, "logits must be finite"),
+    ],
+)
+def test_reference_nll_sums_errors(args, error, match) -> None:
+    with pytest.raises(error, match=match):
+        km.reference_nll_sums(*args)
+
+
 @given(
     lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
     data=st.data(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 import torch
 
@@ -213,10 +212,9 @@ def test_family_losses(batch):
         assert not row["model"].endswith(("ForConditionalGeneration",
                                           "ForCausalLM"))
     # the table the chapter prints fits in 79 columns
-    table = pd.DataFrame([c.as_row() for c in checks]).to_string(
-        index=False, float_format="{:.4f}".format
-    )
+    table = lv.family_loss_table(checks)
     assert max(len(line) for line in table.splitlines()) <= 79
+    assert len(table.splitlines()) == 1 + len(checks)
 
 
 def test_t5_decoder_input_is_labels_shifted_right(batch):
@@ -231,3 +229,109 @@ def test_t5_decoder_input_is_labels_shifted_right(batch):
                                                "qformer_input_ids": batch.input_ids})
     assert out.logits.shape[:2] == labels.shape
     assert abs(float(out.loss) - float(unshifted_token_loss(out.logits, labels))) < 1e-6
+
+
+# --- the chapter's table, copy sizes and wording ------------------------------------
+
+
+def _check(model, model_loss, shift_and_slice, unshifted):
+    return lv.FamilyLossCheck(
+        model=model, language_model="Llama", model_loss=model_loss,
+        shift_and_slice=shift_and_slice, label_padding=shift_and_slice,
+        unshifted=unshifted,
+    )
+
+
+def test_family_loss_table_shows_rounding_as_a_bound_and_the_rest_to_4_decimals():
+    table = lv.family_loss_table([
+        _check("LlavaForConditionalGeneration", 5.574510574, 5.574510812, 5.341210574),
+        _check("GPTBigCodeForCausalLM", 4.79903, 4.61829, 4.7990301),
+    ])
+    header, llava_row, bigcode_row = table.splitlines()
+    assert header.split() == [
+        "model", "text", "model", "model", "loss", "diff", "shifted",
+        "diff", "unshifted",
+    ]
+    # 2.4e-7 is float32 rounding: a bound on every machine, never 0.0000
+    assert llava_row.split() == ["Llava", "Llama", "5.5745", "<", "1e-6", "0.2333"]
+    assert bigcode_row.split() == ["GPTBigCode", "Llama", "4.7990", "0.1807", "<", "1e-6"]
+
+
+@pytest.mark.parametrize(
+    ("checks", "error", "pattern"),
+    [
+        ([], ValueError, r"checks must hold at least one"),
+        ("checks", TypeError, r"checks must be a sequence of FamilyLossCheck"),
+        ([{"model": "Llava"}], TypeError, r"checks\[0\] must be a FamilyLossCheck"),
+    ],
+)
+def test_family_loss_table_bad_input_names_the_argument(checks, error, pattern):
+    with pytest.raises(error, match=pattern):
+        lv.family_loss_table(checks)
+
+
+BTV = (8, 2048, 32000)
+
+
+@pytest.mark.parametrize(
+    ("batch", "dtype", "route", "expected"),
+    [
+        # B = 1: the slice is already contiguous, nothing is copied
+        (1, torch.float32, "shift and slice", 0),
+        (1, torch.float32, "label padding", 0),
+        # B > 1: .contiguous() copies the (B, T - 1, V) slice, in its dtype
+        (8, torch.float32, "shift and slice", 8 * 2047 * 32000 * 4),
+        (8, torch.bfloat16, "shift and slice", 8 * 2047 * 32000 * 2),
+        # logits.float(): free for float32, a full (B, T, V) float32 copy otherwise
+        (8, torch.float32, "label padding", 0),
+        (8, torch.bfloat16, "label padding", 8 * 2048 * 32000 * 4),
+        (8, torch.float16, "label padding", 8 * 2048 * 32000 * 4),
+        (8, torch.float64, "label padding", 8 * 2048 * 32000 * 4),
+        (1, torch.bfloat16, "label padding", 1 * 2048 * 32000 * 4),
+    ],
+)
+def test_logits_copy_bytes(batch, dtype, route, expected):
+    assert lv.logits_copy_bytes(batch, BTV[1], BTV[2], route, dtype) == expected
+
+
+def test_logits_copy_bytes_agrees_with_real_tensors():
+    """On real memory, the copies are the results that share no storage."""
+    from companion.experiments.shapes import shares_storage
+    from companion.shapes import flatten_for_cross_entropy
+
+    for batch in (1, 3):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.zeros(batch, 5, 7, dtype=dtype)
+            labels = torch.zeros(batch, 5, dtype=torch.long)
+            flat, _ = flatten_for_cross_entropy(logits, labels)
+            sliced = 0 if shares_storage(flat, logits) else flat.nbytes
+            upcast = logits.float()
+            padded = 0 if shares_storage(upcast, logits) else upcast.nbytes
+            assert lv.logits_copy_bytes(batch, 5, 7, "shift and slice", dtype) == sliced
+            assert lv.logits_copy_bytes(batch, 5, 7, "label padding", dtype) == padded
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "pattern"),
+    [
+        ((0, 4, 5, "label padding"), ValueError, r"batch must be >= 1"),
+        ((2, 1, 5, "label padding"), ValueError, r"time must be >= 2"),
+        ((2, 4, 2.0, "label padding"), TypeError, r"vocab must be an int"),
+        ((2, 4, 5, "sliced"), ValueError, r"route must be one of"),
+        ((2, 4, 5, "label padding", torch.long), TypeError, r"dtype must be a floating"),
+        ((2, 4, 5, "label padding", "float32"), TypeError, r"dtype must be a torch.dtype"),
+    ],
+)
+def test_logits_copy_bytes_bad_input_names_the_argument(args, error, pattern):
+    with pytest.raises(error, match=pattern):
+        lv.logits_copy_bytes(*args)
+
+
+def test_layers_phrase():
+    assert lv.layers_phrase(1) == "1 layer"
+    assert lv.layers_phrase(2) == "2 layers"
+    assert lv.layers_phrase(tm.VISION_LAYERS) == f"{tm.VISION_LAYERS} layers"
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        lv.layers_phrase(0)
+    with pytest.raises(TypeError, match="count must be an int"):
+        lv.layers_phrase(True)

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from companion.experiments.shapes import (
     logits_nbytes,
+    shares_storage,
     tf_shift_and_flatten,
     trace_shift_and_flatten,
+    trace_table,
 )
 from companion.shapes import flatten_for_cross_entropy
 from tests.shared import btv_dims, make_logits_and_labels
@@ -82,3 +84,70 @@ def test_tensorflow_flatten_equals_pytorch_flatten(shape, seed):
 def test_tensorflow_bad_input_names_the_argument(logits, labels, error, pattern):
     with pytest.raises(error, match=pattern):
         tf_shift_and_flatten(logits, labels)
+
+
+# --- shares_storage and trace_table ---------------------------------------------
+
+
+def test_shares_storage_compares_storage_not_the_first_element():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    # a slice that starts later in the block: another data_ptr, same storage
+    later = x[:, 1:, :]
+    assert later.data_ptr() != x.data_ptr()
+    assert shares_storage(later, x) and shares_storage(x, later)
+    assert shares_storage(x[..., :-1, :], x)
+    assert shares_storage(x.view(-1, 4), x)
+    assert not shares_storage(x.clone(), x)
+    assert not shares_storage(x[..., :-1, :].contiguous(), x)
+    # .reshape copies when no view exists, and only then
+    assert not shares_storage(x[..., :-1, :].reshape(-1, 4), x)
+    assert shares_storage(x[:1, :-1, :].reshape(-1, 4), x)
+    assert not shares_storage(torch.arange(24.0), x)
+
+
+def test_shares_storage_on_the_meta_device():
+    x = torch.empty(2, 3, 4, device="meta")
+    sliced = x[..., :-1, :]
+    assert shares_storage(sliced, x)
+    assert shares_storage(x[:, 1:], x[:, :1])  # two views of one tensor
+    assert not shares_storage(sliced.contiguous(), x)
+    assert not shares_storage(torch.empty(2, 3, 4, device="meta"), x)
+    # a meta tensor has no memory to share with a real one
+    real = torch.zeros(2, 3, 4)
+    assert not shares_storage(x, real) and not shares_storage(real, x)
+
+
+@pytest.mark.parametrize(
+    ("result", "source", "name"),
+    [(np.zeros(3), torch.zeros(3), "result"), (torch.zeros(3), [0.0], "source")],
+)
+def test_shares_storage_bad_input_names_the_argument(result, source, name):
+    with pytest.raises(TypeError, match=rf"{name} must be a torch.Tensor"):
+        shares_storage(result, source)
+
+
+def test_trace_table_has_one_row_per_step_in_the_steps_order():
+    logits, labels = make_logits_and_labels(2, 6, 10)
+    steps = trace_shift_and_flatten(logits, labels)
+    table = trace_table(steps)
+    assert list(table.columns) == [
+        "tensor", "code", "shape", "stride", "contiguous", "copied", "nbytes",
+    ]
+    assert table.to_dict("records") == [step.as_row() for step in steps]
+    assert table["copied"].dtype == bool
+    assert set(table.loc[table["copied"], "code"]) == {".contiguous()"}
+
+
+def test_trace_table_of_no_steps_keeps_its_columns():
+    table = trace_table([])
+    assert table.empty and list(table.columns)[:2] == ["tensor", "code"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "pattern"),
+    [("steps", r"steps must be a sequence of TensorStep"),
+     ([{"tensor": "logits"}], r"steps\[0\] must be a TensorStep")],
+)
+def test_trace_table_bad_input_names_the_argument(steps, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        trace_table(steps)
