@@ -13,8 +13,10 @@ Every loss here pairs the logits at position ``t`` with the label at
   transformers 5.
 * :func:`attention_mask_filter_loss`: before the flattening, keep only the
   pairs whose *target* position has ``attention_mask != 0``.  This is what
-  LLaVA did up to transformers 4.51 (quoted as in 4.45) when an
-  ``attention_mask`` was passed.
+  LLaVA did up to transformers 4.51 when an ``attention_mask`` was passed,
+  with the crop of 4.46.0-4.51.3 (``attention_mask[:, -(T - 1):]``);
+  4.45 cropped with ``attention_mask[..., 1:]``, the same columns for a
+  mask of length ``T >= 2``.
 
 The first two give the same number for every input, and both take
 ``num_items_in_batch``: given, the summed loss is divided by it instead of
@@ -158,8 +160,12 @@ def count_scored_targets(
 
     Returns:
         The count of ``labels[:, 1:] != ignore_index``: label ``0`` of a row
-        is never a target, because no position precedes it.  This is the
-        ``num_items_in_batch`` of a batch.
+        is never a target, because no position precedes it.  This matches
+        the ``num_items_in_batch`` rule of the pinned transformers 5.23
+        ``Trainer`` for models whose loss maps to ``ForCausalLMLoss``
+        (``batch["labels"][..., 1:]``); 4.46.0 counted the same columns, but
+        4.51.3 and 4.52.1 counted ``labels.ne(-100)`` over all columns, one
+        more per row whose first label is not ignored.
     """
     ignore_index = require_ignore_index(ignore_index)
     require_tensor(labels, "labels")
@@ -330,7 +336,10 @@ def attention_mask_filter_loss(
 
     The mask is cropped to its last ``T - 1`` columns, which line up with the
     *targets* ``labels[:, 1:]`` (for a mask of length ``T``: columns
-    ``1 .. T-1``).  Pairs where that column is ``0`` are removed before the
+    ``1 .. T-1``).  This is the crop of 4.46.0-4.51.3,
+    ``attention_mask[:, -(logits.shape[1] - 1):]``, which also accepts a
+    longer mask (prefix tuning); 4.45's ``attention_mask[..., 1:]`` keeps the
+    same columns for a mask of length ``T >= 2`` and fails on a longer one.  Pairs where that column is ``0`` are removed before the
     mean, whatever their label; with ``attention_mask=None`` this is
     :func:`shift_and_slice_loss`.
 

@@ -12,8 +12,10 @@ of the sample weights, or lose the mask on the way through the model
 case).  Here:
 
 * :class:`MaskedSparseCrossEntropy`: the loss of one batch, ``-log p(label)``
-  summed over real tokens and divided by their weight; the labels, not a
-  Keras mask, say what is padding;
+  summed over real tokens and divided by their weight; the labels say what
+  is padding, so a Keras mask lost on the way changes nothing, and a Keras
+  mask that does arrive on ``y_pred`` drops its positions from the sum *and*
+  the count;
 * :class:`CorpusCrossEntropy` and :class:`CorpusPerplexity`: metrics that
   keep ``sum(w * nll)`` and ``sum(w)`` across batches, so batch sizes and
   padded lengths cannot change the epoch's value;
@@ -48,6 +50,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from keras import ops  # noqa: E402
+from keras.src.backend import get_keras_mask  # noqa: E402
 
 __all__ = [
     "FRAMEWORKS",
@@ -333,9 +336,8 @@ def token_nll(
 ) -> Any:
     """``(B, T)`` per-token ``-log p(label)``, 0 on padding.
 
-    The labels, not a Keras mask, decide what is padding: a mask can be
-    lost on the way through the model (the chapter shows how), labels
-    cannot.  ``y_pred`` is ``(B, T, C)`` probabilities, clipped as Keras's
+    The labels decide what is padding: a Keras mask can be lost on the way
+    through the model (the chapter shows how), labels cannot.  ``y_pred`` is ``(B, T, C)`` probabilities, clipped as Keras's
     own sparse cross-entropy clips them, or logits if ``from_logits``.
     """
     y_pred = _as_float(y_pred)
@@ -346,15 +348,36 @@ def token_nll(
     return nll * real
 
 
+def _keras_mask_of(y_pred: Any) -> Any:
+    """The Keras mask ``y_pred`` carries (``_keras_mask``), or ``None``.
+
+    ``Embedding(mask_zero=True)`` attaches it and masking layers pass it on;
+    Keras 3's ``Loss.__call__`` reads it with this same function, tf-keras's
+    reads the same attribute.
+    """
+    return get_keras_mask(y_pred)
+
+
 def token_weights(
     y_true: Any, y_pred: Any, sample_weight: Any, padding_id: int
 ) -> Any:
-    """``(B, T)`` weights ``w``: real-token indicator x ``sample_weight``.
+    """``(B, T)`` weights ``w``: real tokens x Keras mask x ``sample_weight``.
 
-    ``sample_weight`` is ``None``, ``(B,)`` (one weight per sequence),
-    ``(B, T)`` or ``(B, T, 1)``, broadcast as Keras broadcasts it.
+    A position counts when its label is not ``padding_id`` and, if
+    ``y_pred`` carries a Keras mask, the mask keeps it: the positions both
+    Keras versions score (``Loss.__call__`` multiplies that mask into the
+    weighted sum, and tf-keras's ``compile`` folds it into the sample
+    weight), so the same weights divide.  ``sample_weight`` is ``None``,
+    ``(B,)`` (one weight per sequence), ``(B, T)`` or ``(B, T, 1)``,
+    broadcast as Keras broadcasts it.
     """
+    keras_mask = _keras_mask_of(y_pred)
     _, weights = labels_and_real(y_true, _as_float(y_pred), padding_id)
+    if keras_mask is not None:
+        keras_mask = ops.cast(keras_mask, weights.dtype)
+        if len(keras_mask.shape) == len(weights.shape) + 1:
+            keras_mask = ops.squeeze(keras_mask, axis=-1)
+        weights = weights * keras_mask
     if sample_weight is None:
         return weights
     sample_weight = _checked_sample_weight(sample_weight, weights)
@@ -412,9 +435,11 @@ class MaskedTokenMean(_TokenOptions):
     def __call__(
         self, y_true: Any, y_pred: Any, sample_weight: Any = None
     ) -> Any:
-        # `call` never sees sample_weight, and no reduction of both Keras
-        # versions divides by the weight of the real tokens: form that
-        # weight here, let Keras's "sum" apply it, then divide by its sum.
+        # `call` never sees sample_weight: form the weights here (real
+        # labels x any Keras mask of y_pred x sample_weight), let Keras's
+        # "sum" apply them, then divide by their sum.  Keras multiplies
+        # y_pred's mask into that sum again; it is 0/1, so the numerator
+        # and the denominator count the same positions.
         weights = token_weights(
             y_true, y_pred, sample_weight, self.padding_id
         )
@@ -439,9 +464,11 @@ class MaskedSparseCrossEntropy(MaskedTokenMean, keras.losses.Loss):
       ``(B, T, 1)`` float.
 
     Returns ``sum(w * nll) / sum(w)`` with ``w`` = (label != padding_id) x
-    weight, a scalar; 0 when the batch holds no real token.  The labels
-    decide what is padding, so a Keras mask lost on the way does not matter,
-    and a ``sample_weight`` never dilutes the denominator.  ``call`` gives
+    (Keras mask of ``y_pred``, if any) x weight, a scalar; 0 when the batch
+    holds no real token.  The labels decide what is padding, so a Keras mask
+    lost on the way does not matter; a mask that arrives (left padding, say)
+    drops its positions from the numerator and the denominator alike; a
+    ``sample_weight`` never dilutes the denominator.  ``call`` gives
     the per-token losses, Keras's ``"sum"`` reduction weights and adds them,
     and ``__call__`` divides.  Written in ``keras.ops``: any backend.
 

@@ -215,3 +215,94 @@ def test_fixed_loss_runs_on_the_torch_backend() -> None:
     assert got["backend"] == "torch"
     assert got["loss"] == pytest.approx(expected, abs=FLOAT32_TOL)
     assert got["corpus_ce"] == pytest.approx(expected, abs=FLOAT32_TOL)
+
+
+# ---------------------------------------------------------------------------
+# A Keras mask on y_pred (issue #13): the numerator and the denominator
+# count the same positions, in every case and every way Keras calls a loss
+# ---------------------------------------------------------------------------
+
+RANDOM_TOKEN_LOGITS = np.random.default_rng(13).normal(scale=2.0, size=(5, 5))
+
+
+def test_random_token_logits_tell_the_denominators_apart() -> None:
+    # Otherwise the case tests below could not fail on a wrong weighting.
+    cases = km.masking_cases()
+    left = cases["left padding"].batch
+    nll = km.reference_token_nll(RANDOM_TOKEN_LOGITS, left.inputs, left.labels)
+    real = (left.labels != 0).astype(float)
+    both = real * (left.inputs != 0)
+    token_mean = km.case_token_mean(cases["left padding"], RANDOM_TOKEN_LOGITS)
+    assert token_mean == pytest.approx(km.token_weighted_mean(nll, both))
+    old_bug = float((nll * both).sum() / real.sum())
+    labels_only = km.token_weighted_mean(nll, real)
+    assert abs(token_mean - old_bug) > 0.1
+    assert abs(token_mean - labels_only) > 0.1
+    weighted = cases["weights 2,1,1,0,0"]
+    unweighted = km.MaskingCase(km.Batch(weighted.batch.inputs, weighted.batch.labels))
+    assert abs(
+        km.case_token_mean(weighted, RANDOM_TOKEN_LOGITS)
+        - km.case_token_mean(unweighted, RANDOM_TOKEN_LOGITS)
+    ) > 0.05
+
+
+@pytest.mark.parametrize("framework", keras_loss.FRAMEWORKS)
+def test_fixed_loss_is_the_token_mean_in_every_case_fit_evaluate_and_call(
+    framework,
+) -> None:
+    # Left padding put the mask of y_pred into Keras 3's numerator only:
+    # 2/3 of the token mean (1.0730 for log 5) before the fix.
+    table = km.fixed_loss_cases(framework, RANDOM_TOKEN_LOGITS)
+    expected = table["token mean"].to_numpy(float)
+    for column in ["fit", "evaluate", "compute_loss", "call", "corpus_ce"]:
+        np.testing.assert_allclose(
+            table[column].to_numpy(float), expected, atol=FLOAT32_TOL,
+            err_msg=f"{framework} {column}",
+        )
+
+
+def test_fixed_loss_is_the_token_mean_in_every_case_on_the_torch_backend() -> None:
+    pytest.importorskip("torch")
+    got = km.fixed_loss_cases_on_backend("torch", RANDOM_TOKEN_LOGITS)
+    assert got["backend"] == "torch"
+    for name, case in km.masking_cases().items():
+        expected = km.case_token_mean(case, RANDOM_TOKEN_LOGITS)
+        for column, value in got["cases"][name].items():
+            assert value == pytest.approx(expected, abs=FLOAT32_TOL), (
+                name, column
+            )
+
+
+@pytest.mark.parametrize("framework", keras_loss.FRAMEWORKS)
+def test_a_keras_mask_on_y_pred_drops_positions_from_both_sums(
+    framework,
+) -> None:
+    # A mask that disagrees with the labels in both directions, on a
+    # (2, 4) batch with random logits and weights, attached by hand.
+    rng = np.random.default_rng(7)
+    labels = np.array([[0, 1, 2, 3], [4, 2, 0, 0]])
+    mask = np.array([[False, False, True, True], [True, False, True, False]])
+    logits = rng.normal(scale=2.0, size=(2, 4, 6)).astype(np.float32)
+    weights = rng.uniform(0.5, 2.0, size=(2, 4)).astype(np.float32)
+    both = (labels != 0) * mask * weights
+    nll = -np.take_along_axis(
+        reference.log_softmax(logits.astype(np.float64)), labels[..., None], -1
+    )[..., 0]
+    expected = float((nll * both).sum() / both.sum())
+    index = keras_loss.FRAMEWORKS.index(framework)
+    loss = LOSS_CLASSES[index](from_logits=True)
+    metric_class = (
+        keras_loss.CorpusCrossEntropy, keras_loss.LegacyCorpusCrossEntropy
+    )[index]
+    for sample_weight, want in [
+        (weights, expected),
+        (None, km.token_weighted_mean(nll, ((labels != 0) * mask).astype(float))),
+    ]:
+        y_pred = tf.constant(logits)
+        y_pred._keras_mask = tf.constant(mask)
+        assert float(loss(labels, y_pred, sample_weight=sample_weight)) == (
+            pytest.approx(want, abs=FLOAT32_TOL)
+        )
+        metric = metric_class(from_logits=True)
+        metric.update_state(labels, y_pred, sample_weight=sample_weight)
+        assert float(metric.result()) == pytest.approx(want, abs=FLOAT32_TOL)

@@ -14,7 +14,11 @@
 * :func:`keras_probability_loss_and_gradient` and
   :func:`tf_softmax_model_loss`, Keras's loss given probabilities: the
   gradient that its clipping leaves, and what ``fit`` and ``evaluate``
-  report for a model that ends in ``tf.nn.softmax``.
+  report for a model that ends in ``tf.nn.softmax``;
+* :func:`non_finite_logit_gradients`, which ``+inf``, ``-inf`` and ``nan``
+  logits poison the gradient; :func:`dispatched_aten_ops`, the kernels a
+  loss call runs; :func:`keras_fit_class_weight`, what a real
+  ``Model.fit(class_weight=...)`` does with ``(B, T)`` labels.
 
 TensorFlow and Keras are imported inside the functions that need them, so
 importing this module does not start TensorFlow.
@@ -43,13 +47,17 @@ from companion.experiments.display import bound
 __all__ = [
     "IMPLEMENTATIONS",
     "ImplementationResult",
+    "NON_FINITE_PLACEMENTS",
     "compare_implementations",
+    "dispatched_aten_ops",
     "format_comparison",
+    "keras_fit_class_weight",
     "keras_probability_loss_and_gradient",
     "keras_sparse_categorical_crossentropy",
     "naive_cross_entropy",
     "naive_log_softmax",
     "naive_versus_stable_by_scale",
+    "non_finite_logit_gradients",
     "run_implementation",
     "tf_softmax_model_loss",
     "tf_sparse_softmax_cross_entropy",
@@ -607,3 +615,214 @@ def tf_softmax_model_loss(
         history = model.fit(one, label, epochs=1, verbose=0)
         return float(history.history["loss"][0])
     return float(model.evaluate(one, label, verbose=0))
+
+
+# ---------------------------------------------------------------------------
+# Non-finite logits, the kernels behind the loss, and Keras's class_weight
+# ---------------------------------------------------------------------------
+
+#: Where :func:`non_finite_logit_gradients` puts the bad logit.
+NON_FINITE_PLACEMENTS = (
+    "ignored row, one class",
+    "ignored row, every class",
+    "scored row, other class",
+    "scored row, target class",
+)
+
+
+def _finiteness(tensor: torch.Tensor) -> str:
+    if torch.isnan(tensor).any():
+        return "nan"
+    if torch.isinf(tensor).any():
+        return "inf"
+    return "finite"
+
+
+def non_finite_logit_gradients(
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """What one ``+inf``, ``-inf`` or ``nan`` logit does to
+    ``F.cross_entropy`` (mean) and its gradient.
+
+    A batch of 4 rows and 5 classes (seeded normal logits, targets
+    ``[-100, 2, 1, 3]``: row 0 ignored) gets the bad value at one place of
+    :data:`NON_FINITE_PLACEMENTS`: class 3 of the ignored row 0, every class
+    of row 0, class 4 of the scored row 1 (not its target), or class 2, row
+    1's target.  Then ``loss.backward()`` runs.
+
+    Args:
+        dtype: ``torch.float32`` or ``torch.float64``.
+
+    Returns:
+        A ``pandas.DataFrame`` with one row per bad value and placement, and
+        the columns ``logit`` (``"+inf"``, ``"-inf"``, ``"nan"``),
+        ``placed in``, ``loss`` and ``gradient`` (each ``"finite"``,
+        ``"inf"`` or ``"nan"``: the worst entry) and ``row 0 gradient``
+        (``"exactly 0"`` or ``"nan"``; the ignored row's).
+    """
+    require_one_of(dtype, (torch.float32, torch.float64), "dtype")
+    import pandas as pd
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    targets = torch.tensor([IGNORE_INDEX, 2, 1, 3])
+    places = {
+        NON_FINITE_PLACEMENTS[0]: (0, 3),
+        NON_FINITE_PLACEMENTS[1]: (0, slice(None)),
+        NON_FINITE_PLACEMENTS[2]: (1, 4),
+        NON_FINITE_PLACEMENTS[3]: (1, 2),
+    }
+    rows = []
+    for name, value in (("+inf", float("inf")), ("-inf", float("-inf")),
+                        ("nan", float("nan"))):
+        for placement, index in places.items():
+            logits = clean.to(dtype).clone()
+            logits[index] = value
+            logits.requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            loss.backward()
+            row_0 = logits.grad[0]
+            rows.append({
+                "logit": name,
+                "placed in": placement,
+                "loss": _finiteness(loss.detach()),
+                "gradient": _finiteness(logits.grad),
+                "row 0 gradient": (
+                    "exactly 0" if bool((row_0 == 0).all())
+                    else _finiteness(row_0)
+                ),
+            })
+    return pd.DataFrame(rows)
+
+
+def dispatched_aten_ops(
+    run: Callable[[], Any],
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The ATen operators that ``run()`` dispatches to, in order.
+
+    Recorded with ``torch.utils._python_dispatch.TorchDispatchMode``, which
+    sees every call that reaches PyTorch's operator dispatcher below
+    autograd (forward and backward kernels alike).  ``aten.detach``, which
+    autograd calls to save tensors for the backward pass, is left out.
+
+    Args:
+        run: a callable with no arguments, e.g.
+            ``lambda: F.cross_entropy(x, y).backward()``.
+
+    Returns:
+        A list of ``(name, shape)``: the operator's name without the
+        ``aten.`` prefix and the overload (``"_log_softmax"``), and the
+        shape of its (first) tensor output, ``()`` for a scalar or none.
+    """
+    if not callable(run):
+        raise TypeError(
+            f"run must be a callable with no arguments; got "
+            f"{type(run).__name__}"
+        )
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name != "detach":
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                shape = (tuple(first.shape)
+                         if isinstance(first, torch.Tensor) else ())
+                calls.append((name, shape))
+            return out
+
+    with _Recorder():
+        run()
+    return calls
+
+
+def keras_fit_class_weight(
+    batch_size: int,
+    seq_len: int,
+    *,
+    framework: str = "keras",
+    num_classes: int = 10,
+) -> dict[str, float]:
+    """Run a real ``Model.fit(class_weight=...)`` on ``(B, T)`` token labels
+    and compare the loss it reports with hand computations.
+
+    The model is ``Embedding(C, 4)`` then ``Dense(C)`` (logits) over
+    ``(B, T)`` token inputs, compiled with
+    ``SparseCategoricalCrossentropy(from_logits=True)`` and SGD at learning
+    rate 0, so the logits do not change; one epoch of one batch of ``B``
+    sequences with labels drawn with ``numpy.random.default_rng(0)``, and
+    the class weights ``w_c = c + 1``.  Keras turns ``class_weight`` into
+    sample weights with the class of ``argmax`` over the last axis, so each
+    sequence ``b`` gets the weight ``s_b = w[argmax_t y[b, t]]``.
+
+    Args:
+        batch_size: ``B``, an ``int`` >= 1.
+        seq_len: ``T``, an ``int`` >= 1.
+        framework: ``"keras"`` (Keras 3, on its configured backend) or
+            ``"tf_keras"`` (Keras 2).
+        num_classes: ``C``, an ``int`` >= 2.
+
+    Returns:
+        A dict of floats: ``reported`` (the epoch loss in the history),
+        ``unweighted`` (the mean of the ``B*T`` token losses
+        ``l[b, t]``), ``per_sequence`` (the mean of ``s_b * l[b, t]``),
+        ``along_time`` (the mean of ``s_t * l[b, t]``: sequence ``t``'s
+        weight applied to token ``t`` of every sequence, defined when
+        ``B == T``, else nan) and ``per_token`` (the mean of
+        ``w[y[b, t]] * l[b, t]``).
+
+    Raises:
+        Whatever ``fit`` raises: with ``B != T``, Keras 3 on the TensorFlow
+        backend raises ``ValueError`` ("Dimensions must be equal") because
+        the ``(B,)`` weights do not broadcast against the ``(B, T)`` losses
+        along the last axis; tf-keras does not raise.
+    """
+    batch_size = require_int(batch_size, "batch_size")
+    seq_len = require_int(seq_len, "seq_len")
+    num_classes = require_int(num_classes, "num_classes")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(
+            f"batch_size and seq_len must be >= 1; got {batch_size}, "
+            f"{seq_len}"
+        )
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
+    require_one_of(framework, ("keras", "tf_keras"), "framework")
+    if framework == "keras":
+        import keras
+    else:
+        import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((seq_len,)),
+        keras.layers.Embedding(num_classes, 4),
+        keras.layers.Dense(num_classes),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, num_classes, (batch_size, seq_len))
+    labels = rng.integers(0, num_classes, (batch_size, seq_len))
+    class_weight = {c: float(c + 1) for c in range(num_classes)}
+    history = model.fit(inputs, labels, class_weight=class_weight,
+                        batch_size=batch_size, epochs=1, verbose=0,
+                        shuffle=False)
+    logp = reference.log_softmax(np.asarray(model(inputs)))
+    token_loss = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    weight = np.arange(1.0, num_classes + 1.0)
+    per_sequence = weight[labels.argmax(axis=-1)]
+    along_time = (float(np.mean(token_loss * per_sequence[None, :]))
+                  if batch_size == seq_len else float("nan"))
+    return {
+        "reported": float(history.history["loss"][0]),
+        "unweighted": float(token_loss.mean()),
+        "per_sequence": float(np.mean(token_loss * per_sequence[:, None])),
+        "along_time": along_time,
+        "per_token": float(np.mean(token_loss * weight[labels])),
+    }

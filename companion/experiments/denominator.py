@@ -10,8 +10,14 @@
   (:func:`companion.accumulation.micro_batch_loss`), and with data
   parallelism on top, simulated in one process
   (:func:`data_parallel_accumulation_step`);
+* how far apart two gradients are, in direction
+  (:func:`cosine_similarity`) and in length (:func:`norm_ratio`), kept
+  apart because Adam ignores a constant scale but not a turned direction;
 * the naive error as the token counts of two micro-batches drift apart
   (:func:`naive_error_by_imbalance`);
+* rows packed to a fixed length from prompt-and-answer examples
+  (:func:`make_packed_batch`), whose scored counts differ from row to row
+  once the prompts are masked;
 * the lines of ``transformers``' ``Trainer`` that the chapter quotes
   (:func:`source_excerpt`).
 
@@ -58,11 +64,15 @@ __all__ = [
     "Reduction",
     "StepResult",
     "accumulation_step",
+    "cosine_from_norms",
+    "cosine_similarity",
     "data_parallel_accumulation_step",
     "flat_gradient",
     "full_batch_step",
     "make_counting_batch",
+    "make_packed_batch",
     "naive_error_by_imbalance",
+    "norm_ratio",
     "relative_difference",
     "source_excerpt",
     "split_rows",
@@ -153,6 +163,120 @@ def make_counting_batch(
         counting = (starts[row] + torch.arange(length - 1)) % cycle
         input_ids[row, 1:length] = 2 + counting
     labels = torch.where(input_ids == PAD_TOKEN_ID, IGNORE_INDEX, input_ids)
+    return input_ids, labels
+
+
+def make_packed_batch(
+    rows: Sequence[Sequence[tuple[int, int]]],
+    *,
+    vocab_size: int,
+    seed: int,
+    total_length: int | None = None,
+    mask_prompts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows packed with prompt-and-answer examples, prompts optionally masked.
+
+    Row ``i`` concatenates the examples ``rows[i]``, one after the other,
+    without attention masking between them (plain packing).  An example
+    ``(prompt_tokens, answer_tokens)`` is ``BOS`` and ``prompt_tokens - 1``
+    tokens counting up from a random start, then ``answer_tokens`` tokens
+    counting up from a *new* random start: the answer's first token does not
+    follow from the prompt (except by chance), its later ones do.  Counting wraps within
+    ids ``2 .. V-1``, as in :func:`make_counting_batch`.
+
+    With ``mask_prompts=True`` (supervised fine-tuning) the labels of every
+    prompt position are ``-100``, so a row's scored targets are the sum of
+    its examples' ``answer_tokens``, however full the row is.  With
+    ``mask_prompts=False`` (pretraining-style packing) every real position
+    is a label, and a full row of ``T`` tokens has ``T - 1`` targets.
+
+    Args:
+        rows: ``(B,)`` lists of ``(prompt_tokens, answer_tokens)`` pairs,
+            ``prompt_tokens >= 1`` (``BOS`` included), ``answer_tokens >= 1``.
+        vocab_size: ``V >= 3``; id ``0`` is padding, id ``1`` is ``BOS``.
+        seed: seed of the generator that draws the starts.
+        total_length: ``T``, at least the longest row and 2; default the
+            longest row (at least 2).
+        mask_prompts: set the prompts' labels to ``-100``.
+
+    Returns:
+        ``input_ids: (B, T)`` int64, ``0`` after each row's tokens, and
+        ``labels: (B, T)`` int64, ``-100`` on padding (and on prompts when
+        ``mask_prompts``), ``input_ids`` elsewhere.
+
+    Raises:
+        ValueError: no rows, a row without examples, a count below 1,
+            ``vocab_size < 3`` or ``total_length`` shorter than a row.
+        TypeError: a count, ``vocab_size``, ``seed`` or ``total_length``
+            that is not an ``int``, or ``mask_prompts`` not a ``bool``.
+    """
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise ValueError(
+            "rows must be a non-empty sequence, one list of "
+            "(prompt_tokens, answer_tokens) pairs per row"
+        )
+    if not rows:
+        raise ValueError("rows must describe at least 1 row")
+    for row, examples in enumerate(rows):
+        if (
+            isinstance(examples, (str, bytes))
+            or not isinstance(examples, Sequence)
+            or not examples
+        ):
+            raise ValueError(
+                f"rows[{row}] must be a non-empty sequence of "
+                "(prompt_tokens, answer_tokens) pairs"
+            )
+        for index, example in enumerate(examples):
+            if not isinstance(example, Sequence) or len(example) != 2:
+                raise ValueError(
+                    f"rows[{row}][{index}] must be a pair "
+                    f"(prompt_tokens, answer_tokens); got {example!r}"
+                )
+            require_positive_int(example[0], f"rows[{row}][{index}][0]")
+            require_positive_int(example[1], f"rows[{row}][{index}][1]")
+    require_positive_int(vocab_size, "vocab_size")
+    require_int(seed, "seed")
+    if not isinstance(mask_prompts, bool):
+        raise TypeError(
+            f"mask_prompts must be a bool; got {type(mask_prompts).__name__}"
+        )
+    if vocab_size < 3:
+        raise ValueError(
+            "vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); "
+            f"got {vocab_size}"
+        )
+    lengths = [sum(p + a for p, a in examples) for examples in rows]
+    longest = max(max(lengths), 2)
+    if total_length is None:
+        total_length = longest
+    require_positive_int(total_length, "total_length")
+    if total_length < longest:
+        raise ValueError(
+            f"total_length must be >= the longest row (and 2) = {longest}; "
+            f"got {total_length}"
+        )
+    cycle = vocab_size - 2
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.full(
+        (len(rows), total_length), PAD_TOKEN_ID, dtype=torch.long
+    )
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, examples in enumerate(rows):
+        position = 0
+        for prompt_tokens, answer_tokens in examples:
+            prompt_start, answer_start = torch.randint(
+                0, cycle, (2,), generator=generator
+            ).tolist()
+            prompt = 2 + (prompt_start + torch.arange(prompt_tokens - 1)) % cycle
+            answer = 2 + (answer_start + torch.arange(answer_tokens)) % cycle
+            stop = position + prompt_tokens + answer_tokens
+            input_ids[row, position] = BOS_TOKEN_ID
+            input_ids[row, position + 1 : position + prompt_tokens] = prompt
+            input_ids[row, position + prompt_tokens : stop] = answer
+            first_label = position + prompt_tokens if mask_prompts else position
+            labels[row, first_label:stop] = input_ids[row, first_label:stop]
+            position = stop
     return input_ids, labels
 
 
@@ -513,10 +637,7 @@ def data_parallel_accumulation_step(
     return StepResult(f"data_parallel_{count}", reported, gradient, counts)
 
 
-def relative_difference(
-    result: torch.Tensor, reference: torch.Tensor
-) -> float:
-    """``||result - reference|| / ||reference||`` (Euclidean norms)."""
+def _check_pair(result: torch.Tensor, reference: torch.Tensor) -> None:
     require_tensor(result, "result")
     require_tensor(reference, "reference")
     require_floating(result, "result")
@@ -526,12 +647,111 @@ def relative_difference(
             "result must have the shape of reference "
             f"{tuple(reference.shape)}; got {tuple(result.shape)}"
         )
+
+
+def relative_difference(
+    result: torch.Tensor, reference: torch.Tensor
+) -> float:
+    """``||result - reference|| / ||reference||`` (Euclidean norms).
+
+    One number for two different faults: a gradient of the right direction
+    but twice the length is ``1`` (100 %) off, and so is one of the right
+    length turned by 60 degrees.  :func:`cosine_similarity` and
+    :func:`norm_ratio` tell them apart.
+    """
+    _check_pair(result, reference)
     scale = float(torch.linalg.vector_norm(reference))
     if scale == 0.0:
         raise ValueError(
             "reference has norm 0: a relative difference is undefined"
         )
     return float(torch.linalg.vector_norm(result - reference)) / scale
+
+
+def cosine_similarity(
+    result: torch.Tensor, reference: torch.Tensor
+) -> float:
+    """``<result, reference> / (||result|| ||reference||)``: direction only.
+
+    ``1`` when the two point the same way, whatever their lengths; a
+    gradient scaled by any positive constant has cosine ``1`` with the
+    original.  Computed in float64.
+
+    Args:
+        result: ``(P,)`` float (any shape; flattened).
+        reference: float, the shape of ``result``.
+
+    Raises:
+        ValueError: shapes differ, or either has norm 0 (no direction).
+    """
+    _check_pair(result, reference)
+    a = result.detach().reshape(-1).to(torch.float64)
+    b = reference.detach().reshape(-1).to(torch.float64)
+    norms = float(torch.linalg.vector_norm(a)), float(
+        torch.linalg.vector_norm(b)
+    )
+    for name, value in zip(("result", "reference"), norms, strict=True):
+        if value == 0.0:
+            raise ValueError(f"{name} has norm 0: it has no direction")
+    cosine = float(torch.dot(a, b)) / (norms[0] * norms[1])
+    return max(-1.0, min(1.0, cosine))
+
+
+def norm_ratio(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||result|| / ||reference||``: length only (Euclidean norms).
+
+    ``1`` for a gradient of the right length, whatever its direction.  Only
+    a plain SGD step scales with it; Adam's first steps do not.
+
+    Raises:
+        ValueError: shapes differ, or ``reference`` has norm 0.
+    """
+    _check_pair(result, reference)
+    scale = float(torch.linalg.vector_norm(reference.detach().double()))
+    if scale == 0.0:
+        raise ValueError("reference has norm 0: a norm ratio is undefined")
+    return float(torch.linalg.vector_norm(result.detach().double())) / scale
+
+
+def cosine_from_norms(
+    gradient_norm_ratio: float, relative_gradient_error: float
+) -> float:
+    """The cosine of two gradients from their norm ratio and relative error.
+
+    With ``rho = ||a|| / ||b||`` and ``e = ||a - b|| / ||b||``, the law of
+    cosines ``e^2 = rho^2 + 1 - 2 rho cos`` gives
+    ``cos = (rho^2 + 1 - e^2) / (2 rho)``.  For results that report only
+    these two numbers (the data-parallel demo's JSON); float64 rounding of
+    the inputs shows up in the cosine, about ``1e-15`` near ``cos = 1``.
+
+    Raises:
+        ValueError: ``gradient_norm_ratio <= 0``,
+            ``relative_gradient_error < 0``, either
+            not finite, or a pair no two vectors have (``|cos| > 1`` beyond
+            rounding).
+    """
+    rho = require_real_number(gradient_norm_ratio, "gradient_norm_ratio")
+    error = require_real_number(
+        relative_gradient_error, "relative_gradient_error"
+    )
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(
+            "gradient_norm_ratio must be finite and > 0; "
+            f"got {gradient_norm_ratio}"
+        )
+    if not (math.isfinite(error) and error >= 0):
+        raise ValueError(
+            "relative_gradient_error must be finite and >= 0; "
+            f"got {relative_gradient_error}"
+        )
+    cosine = (rho * rho + 1.0 - error * error) / (2.0 * rho)
+    if abs(cosine) > 1.0 + 1e-9:
+        raise ValueError(
+            f"gradient_norm_ratio {gradient_norm_ratio} and "
+            f"relative_gradient_error {relative_gradient_error} "
+            "violate the triangle inequality"
+        )
+    return max(-1.0, min(1.0, cosine))
 
 
 # ---------------------------------------------------------------------------
@@ -555,8 +775,12 @@ def naive_error_by_imbalance(
 
     Returns:
         One dict per ratio: ``token_ratio``, ``naive_loss_error`` and
-        ``naive_gradient_error`` (relative), and ``fixed_loss_error`` and
-        ``fixed_gradient_error`` (relative, rounding only).
+        ``naive_gradient_error`` (relative, :func:`relative_difference`),
+        the naive gradient's ``naive_gradient_cosine``
+        (:func:`cosine_similarity`) and ``naive_gradient_norm_ratio``
+        (:func:`norm_ratio`) against the full batch's, and
+        ``fixed_loss_error`` and ``fixed_gradient_error`` (relative,
+        rounding only).
     """
     _check_model(model)
     require_positive_int(short_tokens, "short_tokens")
@@ -583,6 +807,12 @@ def naive_error_by_imbalance(
                 "naive_loss_error": abs(naive.loss - full.loss)
                 / abs(full.loss),
                 "naive_gradient_error": naive_grad,
+                "naive_gradient_cosine": cosine_similarity(
+                    naive.gradient, full.gradient
+                ),
+                "naive_gradient_norm_ratio": norm_ratio(
+                    naive.gradient, full.gradient
+                ),
                 "fixed_loss_error": abs(fixed.loss - full.loss)
                 / abs(full.loss),
                 "fixed_gradient_error": fixed_grad,

@@ -65,6 +65,7 @@ from tf_keras.__internal__.losses import (  # noqa: E402
 
 __all__ = [
     "BACKENDS",
+    "BUILT_IN_FIXES",
     "HEADS",
     "LOSS_KINDS",
     "MIDDLE_LAYERS",
@@ -72,11 +73,16 @@ __all__ = [
     "Batch",
     "HistoricalSparseCategoricalCrossentropy",
     "LegacySubclassedSparseCrossEntropy",
+    "MaskingCase",
     "Reported",
     "SubclassedSparseCrossEntropy",
     "build_toy_model",
+    "built_in_fix_table",
+    "case_token_mean",
     "epoch_aggregation_batches",
     "epoch_aggregation_table",
+    "fixed_loss_cases",
+    "fixed_loss_cases_on_backend",
     "fixed_loss_on_backend",
     "historical_masked_mean",
     "installed_source",
@@ -84,6 +90,8 @@ __all__ = [
     "loss_kind_table",
     "lost_mask_table",
     "make_loss",
+    "masking_cases",
+    "metrics_argument_table",
     "padded",
     "padding_confident_logits",
     "padding_sweep",
@@ -707,6 +715,9 @@ class Reported:
             with several batches).
         predictions: the model's ``(B, T, C)`` output on the single batch
             (``None`` with several).
+        call: the loss object called directly on the model's output tensor
+            (which carries the model's Keras mask), with the batch's sample
+            weight (``nan`` with several batches, or a loss given by name).
         mask_warnings: messages of the ``UserWarning``s Keras raised about
             masks.
     """
@@ -716,6 +727,7 @@ class Reported:
     compute_loss: float
     predictions: np.ndarray | None = None
     mask_warnings: tuple[str, ...] = field(default_factory=tuple)
+    call: float = float("nan")
 
 
 def _as_batches(batches: Batch | Sequence[Batch]) -> list[Batch]:
@@ -758,14 +770,16 @@ def report(
     middle: str = "none",
     head: str = "Dense(softmax)",
     fit: bool = True,
+    metrics_argument: str = "weighted_metrics",
 ) -> Reported:
     """Compile the toy with ``loss``, run ``fit`` and ``evaluate``, read them.
 
     The optimizer has learning rate 0, so ``fit`` sees the same weights as
     ``evaluate``.  Each :class:`Batch` is one step (its own padded length).
-    ``metrics`` go to ``weighted_metrics``, so they see the sample weights;
-    the default is Keras's own ``SparseCategoricalCrossentropy`` metric,
-    named ``"metric"``.
+    ``metrics`` go to ``weighted_metrics``, so they see the sample weights
+    (``metrics_argument="metrics"`` passes them to ``metrics=``, which
+    ignores sample weights); the default is Keras's own
+    ``SparseCategoricalCrossentropy`` metric, named ``"metric"``.
 
     Args:
         framework: ``"keras"`` or ``"tf_keras"``.
@@ -776,6 +790,8 @@ def report(
         mask_zero, middle, head: passed to :func:`build_toy_model`.
         fit: run the ``fit`` epoch (skip it where only ``evaluate``
             matters; each traced step costs about a second on a small CPU).
+        metrics_argument: ``"weighted_metrics"`` or ``"metrics"``, the
+            ``compile`` argument that receives ``metrics``.
 
     Returns:
         A :class:`Reported`.
@@ -788,6 +804,11 @@ def report(
         Batch(*_check_batch(b.inputs, b.labels, b.sample_weight, *sizes))
         for b in items
     ]
+    if metrics_argument not in ("weighted_metrics", "metrics"):
+        raise ValueError(
+            "metrics_argument must be 'weighted_metrics' or 'metrics'; "
+            f"got {metrics_argument!r}"
+        )
     quiet_retracing_warnings()
     if metrics is None:
         metrics = [K.metrics.SparseCategoricalCrossentropy(name="metric")]
@@ -800,7 +821,7 @@ def report(
         model.compile(
             optimizer=K.optimizers.SGD(learning_rate=0.0),
             loss=loss,
-            weighted_metrics=list(metrics),
+            **{metrics_argument: list(metrics)},
         )
         history = {}
         if fit:
@@ -810,7 +831,7 @@ def report(
         evaluated = model.evaluate(
             _dataset(checked), verbose=0, return_dict=True
         )
-        compute_loss, predictions = float("nan"), None
+        compute_loss, predictions, direct = float("nan"), None, float("nan")
         if len(checked) == 1:
             only = checked[0]
             x = tf.constant(only.inputs, dtype=tf.int32)
@@ -823,6 +844,8 @@ def report(
                 model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw)
             )
             predictions = np.asarray(y_pred)
+            if isinstance(loss, (keras.losses.Loss, tf_keras.losses.Loss)):
+                direct = float(loss(y, y_pred, sample_weight=sw))
     about_masks = {
         str(w.message) for w in caught if "mask" in str(w.message).lower()
     }
@@ -836,6 +859,7 @@ def report(
         compute_loss=compute_loss,
         predictions=predictions,
         mask_warnings=tuple(sorted(about_masks)),
+        call=direct,
     )
 
 
@@ -997,6 +1021,184 @@ def lost_mask_table(
                 }
             )
     return pd.DataFrame(rows).set_index(["framework", "middle"])
+
+
+# ---------------------------------------------------------------------------
+# The chapter's cases, for the built-in fix and the fixed loss
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskingCase:
+    """One padded batch of the chapter and how it reaches the loss.
+
+    ``mask_zero``: whether the embedding attaches a Keras mask; ``middle``:
+    the layer between embedding and output (:data:`MIDDLE_LAYERS`).
+    """
+
+    batch: Batch
+    mask_zero: bool = True
+    middle: str = "none"
+
+
+def masking_cases() -> dict[str, MaskingCase]:
+    """The chapter's cases, by name, each one batch of five classes.
+
+    ``"mask"``: the source's labels ``[1, 1, 2, 0, 0]`` as inputs and
+    labels, right-padded; ``"0/1 sample_weight"``: no Keras mask, the
+    padding weighted 0; ``"mask lost (Lambda)"``: a ``Lambda`` drops the
+    mask; ``"weights 2,1,1,0,0"``: the mask and those weights;
+    ``"left padding"``: inputs ``[0, 0, 1, 2]``, labels ``[0, 1, 2, 3]``.
+    """
+    labels = np.array(SOURCE_LABELS)
+    real = (labels != PADDING_ID).astype(np.float64)
+    return {
+        "mask": MaskingCase(Batch(labels, labels)),
+        "0/1 sample_weight": MaskingCase(
+            Batch(labels, labels, real), mask_zero=False
+        ),
+        "mask lost (Lambda)": MaskingCase(Batch(labels, labels), middle="Lambda"),
+        "weights 2,1,1,0,0": MaskingCase(
+            Batch(labels, labels, np.array([[2.0, 1.0, 1.0, 0.0, 0.0]]))
+        ),
+        "left padding": MaskingCase(
+            Batch(np.array([[0, 0, 1, 2]]), np.array([[0, 1, 2, 3]]))
+        ),
+    }
+
+
+def case_token_mean(case: MaskingCase, token_logits: ArrayLike) -> float:
+    """The float64 token mean the loss of ``case`` should report.
+
+    A position counts when its label is not padding and, if the embedding's
+    mask reaches the output, its input is not padding either (Keras scores
+    only such positions); its weight is the sample weight, 1 without one.
+    """
+    b = case.batch
+    per_token = reference_token_nll(token_logits, b.inputs, b.labels)
+    weights = (b.labels != PADDING_ID).astype(np.float64)
+    if case.mask_zero and case.middle in ("none", "custom layer, supports_masking"):
+        weights = weights * (b.inputs != PADDING_ID)
+    if b.sample_weight is not None:
+        weights = weights * b.sample_weight
+    return token_weighted_mean(per_token, weights)
+
+
+def _keras3_ignore_class(reduction: str) -> Any:
+    return keras.losses.SparseCategoricalCrossentropy(
+        ignore_class=PADDING_ID, reduction=reduction
+    )
+
+
+BUILT_IN_FIXES: tuple[tuple[str, str], ...] = (
+    ("keras", "ignore_class=0"),
+    ("keras", "ignore_class=0, mean_with_sample_weight"),
+    ("tf_keras", "ignore_class=0"),
+)
+"""``(framework, loss)`` rows of :func:`built_in_fix_table` before ``fixed``."""
+
+
+def _built_in_fix(framework: str, name: str) -> Any:
+    if name == "fixed":
+        return fixed_loss(framework)
+    if framework == "keras":
+        if name == "ignore_class=0":
+            return _keras3_ignore_class("sum_over_batch_size")
+        return _keras3_ignore_class("mean_with_sample_weight")
+    return tf_keras.losses.SparseCategoricalCrossentropy(
+        ignore_class=PADDING_ID
+    )
+
+
+def built_in_fix_table(
+    num_classes: int = 5, padding_logit: float = 8.0
+) -> pd.DataFrame:
+    """``evaluate``'s loss for Keras's own fix and the fixed loss, per case.
+
+    The toy is the padding-confident one (:func:`padding_confident_logits`),
+    so a denominator or a scored padding position shows.  Rows
+    ``(framework, loss)``: :data:`BUILT_IN_FIXES`, then ``fixed`` for both
+    versions, then ``("float64", "token mean")``, :func:`case_token_mean`;
+    columns: the cases of :func:`masking_cases`.
+    """
+    logits = padding_confident_logits(num_classes, padding_logit)
+    cases = masking_cases()
+    rows = [*BUILT_IN_FIXES, ("keras", "fixed"), ("tf_keras", "fixed")]
+    table = {}
+    for framework, name in rows:
+        values = {}
+        for case_name, case in cases.items():
+            got = report(
+                framework, _built_in_fix(framework, name), case.batch, logits,
+                mask_zero=case.mask_zero, middle=case.middle, fit=False,
+            )
+            values[case_name] = got.evaluate["loss"]
+        table[(framework, name)] = values
+    table[("float64", "token mean")] = {
+        name: case_token_mean(case, logits) for name, case in cases.items()
+    }
+    frame = pd.DataFrame.from_dict(table, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["framework", "loss"])
+    return frame
+
+
+def fixed_loss_cases(
+    framework: str, token_logits: ArrayLike | None = None
+) -> pd.DataFrame:
+    """The fixed loss and corpus metric of ``framework`` on every case.
+
+    ``token_logits``: ``(V, C)`` with ``V, C >= 5``, default the
+    padding-confident toy (:func:`padding_confident_logits`); random logits
+    make every token cost something different, so a wrong weighting shows.
+    Rows: the cases of :func:`masking_cases`; columns ``fit``,
+    ``evaluate``, ``compute_loss``, ``call`` (the loss on the model's output
+    tensor, Keras mask attached), ``corpus_ce`` (from ``evaluate``) and
+    ``token mean`` (:func:`case_token_mean`).
+    """
+    if token_logits is None:
+        token_logits = padding_confident_logits(5, 8.0)
+    logits = _check_token_logits(token_logits)
+    rows = {}
+    for name, case in masking_cases().items():
+        got = report(
+            framework, fixed_loss(framework), case.batch, logits,
+            metrics=corpus_metrics(framework)[:1],
+            mask_zero=case.mask_zero, middle=case.middle,
+        )
+        rows[name] = {
+            "fit": got.fit["loss"],
+            "evaluate": got.evaluate["loss"],
+            "compute_loss": got.compute_loss,
+            "call": got.call,
+            "corpus_ce": got.evaluate["corpus_ce"],
+            "token mean": case_token_mean(case, logits),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def metrics_argument_table(
+    num_classes: int = 5, padding_logit: float = 8.0
+) -> pd.DataFrame:
+    """Keras's cross-entropy metric under ``weighted_metrics=`` and ``metrics=``.
+
+    The ``"0/1 sample_weight"`` case of :func:`masking_cases` on the
+    padding-confident toy.  Rows: frameworks; columns: the metric passed as
+    ``weighted_metrics`` and as ``metrics``, and the ``token mean``.
+    """
+    logits = padding_confident_logits(num_classes, padding_logit)
+    case = masking_cases()["0/1 sample_weight"]
+    rows = {}
+    for framework in FRAMEWORKS:
+        row = {}
+        for argument in ("weighted_metrics", "metrics"):
+            got = report(
+                framework, fixed_loss(framework), case.batch, logits,
+                mask_zero=False, fit=False, metrics_argument=argument,
+            )
+            row[argument] = got.evaluate["metric"]
+        row["token mean"] = case_token_mean(case, logits)
+        rows[framework] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def epoch_aggregation_batches(equal_lengths: bool) -> list[Batch]:
@@ -1245,4 +1447,67 @@ def fixed_loss_on_backend(
         raise RuntimeError(
             f"the {backend} run failed:\n{done.stderr[-2000:]}"
         )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_CASES_ON_BACKEND_SCRIPT = """
+import json, sys
+import numpy as np
+import keras
+from companion.experiments import keras_masking as km
+from companion import keras_loss
+
+logits = np.array(json.loads(sys.argv[1]))
+out = {"backend": keras.backend.backend(), "cases": {}}
+for name, case in km.masking_cases().items():
+    b = case.batch
+    model = km.build_toy_model(
+        "keras", logits, mask_zero=case.mask_zero, middle=case.middle
+    )
+    loss = keras_loss.MaskedSparseCrossEntropy()
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.0), loss=loss,
+        weighted_metrics=[keras_loss.CorpusCrossEntropy()],
+    )
+    x, y = b.inputs.astype("int32"), b.labels.astype("int32")
+    sw = None if b.sample_weight is None else b.sample_weight.astype("float32")
+    fit = model.fit(x, y, sample_weight=sw, batch_size=len(x), epochs=1,
+                    shuffle=False, verbose=0).history
+    got = model.evaluate(x, y, sample_weight=sw, batch_size=len(x),
+                         verbose=0, return_dict=True)
+    direct = loss(keras.ops.convert_to_tensor(y), model(x), sample_weight=sw)
+    out["cases"][name] = {
+        "fit": float(fit["loss"][-1]), "evaluate": float(got["loss"]),
+        "call": float(keras.ops.convert_to_numpy(direct)),
+        "corpus_ce": float(got["corpus_ce"]),
+    }
+print(json.dumps(out))
+"""
+
+
+def fixed_loss_cases_on_backend(
+    backend: str, token_logits: ArrayLike | None = None
+) -> dict[str, Any]:
+    """:func:`fixed_loss_cases` for Keras 3 on ``backend``, in a new process.
+
+    Keras chooses its backend once, at import, so a fresh Python process
+    runs with ``KERAS_BACKEND=backend``; ``token_logits`` as in
+    :func:`fixed_loss_cases`.
+
+    Returns ``{"backend": name Keras reports, "cases": {case: {"fit",
+    "evaluate", "call", "corpus_ce"}}}`` (see :func:`masking_cases`).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if token_logits is None:
+        token_logits = padding_confident_logits(5, 8.0)
+    logits = _check_token_logits(token_logits)
+    environment = dict(os.environ, KERAS_BACKEND=backend)
+    done = subprocess.run(
+        [sys.executable, "-c", _CASES_ON_BACKEND_SCRIPT,
+         json.dumps(logits.tolist())],
+        capture_output=True, text=True, env=environment, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the {backend} run failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

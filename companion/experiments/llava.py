@@ -7,8 +7,12 @@ every tiny model of :mod:`companion.experiments.tiny_models` on it and puts
 each model's own ``.loss`` next to the formulations of
 :mod:`companion.causal_lm_loss` (:func:`family_loss_table` prints them).
 :func:`logits_copy_bytes` counts, on the ``meta`` device, the logits copies
-each loss route makes at realistic sizes, and :func:`layers_phrase` writes
-a layer count as the chapter's prose says it.
+each loss route makes at realistic sizes, with or without the float32
+upcast.  :func:`release_filter_loss` replays LLaVA's old attention-mask
+filter as a given release wrote it (:func:`filter_target_mask`: the crop of
+4.45 or of 4.46-4.51), :func:`tiny_llava_processor` builds a
+``LlavaProcessor`` offline, and :func:`layers_phrase` writes a layer count
+as the chapter's prose says it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch import nn
 
 from companion import IGNORE_INDEX
 from companion._checks import (
     require_one_of,
     require_positive_int,
+    require_rank,
     require_sequence,
+    require_tensor,
 )
 from companion.causal_lm_loss import (
     label_padding_loss,
@@ -39,6 +46,7 @@ from companion.experiments.tiny_models import (
     IMAGE_SIZE,
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
+    PATCH_SIZE,
     image_token_count,
     tiny_gpt_bigcode,
     tiny_gpt_neox_japanese,
@@ -50,15 +58,19 @@ from companion.experiments.tiny_models import (
 __all__ = [
     "LOSS_ROUTES",
     "SEGMENT_CODES",
+    "FILTER_RELEASES",
     "FamilyLossCheck",
     "LlavaTrainingBatch",
     "answer_only_labels",
     "build_llava_batch",
     "check_family_losses",
     "family_loss_table",
+    "filter_target_mask",
     "first_answer_position",
     "layers_phrase",
     "logits_copy_bytes",
+    "release_filter_loss",
+    "tiny_llava_processor",
 ]
 
 #: Segment codes of :class:`LlavaTrainingBatch` ``segments``.
@@ -70,6 +82,12 @@ SEGMENT_CODES: dict[str, int] = {
 #: :func:`logits_copy_bytes` compares: ``shift_and_slice_loss`` and
 #: transformers' ``ForCausalLMLoss`` (``label_padding_loss``).
 LOSS_ROUTES: tuple[str, ...] = ("shift and slice", "label padding")
+
+#: The two forms of LLaVA's attention-mask crop: ``"4.45"`` (4.45.0 to
+#: 4.45.2, ``attention_mask[..., 1:]``) and ``"4.46"`` (4.46.0 to 4.51.3,
+#: ``attention_mask[:, -(logits.shape[1] - 1) :]``).  From 4.52 LLaVA calls
+#: ``self.loss_function`` and filters nothing.
+FILTER_RELEASES: tuple[str, ...] = ("4.45", "4.46")
 
 
 @dataclass(frozen=True)
@@ -356,6 +374,8 @@ def logits_copy_bytes(
     vocab: int,
     route: str,
     dtype: torch.dtype = torch.float32,
+    *,
+    upcast: bool = True,
 ) -> int:
     """Bytes of the logits copies one loss route makes, counted on ``meta``.
 
@@ -363,17 +383,19 @@ def logits_copy_bytes(
     model returns them (contiguous).  Nothing is allocated, so realistic
     sizes are free to ask about.
 
-    * ``"shift and slice"`` (``shift_and_slice_loss``): the
-      ``.contiguous()`` of the sliced logits ``(B, T - 1, V)``, in
-      ``dtype``, traced by
-      :func:`companion.experiments.shapes.trace_shift_and_flatten`: a
-      copy when ``B > 1``, nothing when ``B = 1``.  (The package's own
-      function also upcasts half precision first; the route counted here is
-      the slice as the source material writes it.)
-    * ``"label padding"`` (transformers' ``ForCausalLMLoss``):
-      ``logits.float()``, a ``(B, T, V)`` float32 copy unless the logits
-      are float32 already (float64 is rounded down, half precision upcast);
-      its ``.view(-1, V)`` never copies.
+    * ``upcast=True``: first ``logits.float()``, as transformers'
+      ``ForCausalLMLoss`` does whether it pads the labels or is handed
+      ``shift_labels``, and as every loss of the package does for half
+      precision: a ``(B, T, V)`` float32 copy unless the logits are float32
+      already (float64 is rounded down, half precision upcast).  This is a
+      precision choice, the same for both routes.  ``upcast=False``: no
+      cast; the route works on the logits in ``dtype``.
+    * ``"shift and slice"`` (``shift_and_slice_loss``): then the
+      ``.contiguous()`` of the sliced logits ``(B, T - 1, V)``, traced by
+      :func:`companion.experiments.shapes.trace_shift_and_flatten`: a copy
+      when ``B > 1``, nothing when ``B = 1``.
+    * ``"label padding"`` (``ForCausalLMLoss``): then ``.view(-1, V)``,
+      which never copies.
 
     Args:
         batch: ``B >= 1``.
@@ -381,9 +403,11 @@ def logits_copy_bytes(
         vocab: ``V >= 1``.
         route: one of :data:`LOSS_ROUTES`.
         dtype: a floating ``torch.dtype`` of the logits.
+        upcast: whether ``logits.float()`` comes first (a ``bool``).
 
     Returns:
-        The bytes copied, 0 when the route copies nothing.
+        The bytes copied, upcast and slice together; 0 when nothing is
+        copied.
     """
     batch = require_positive_int(batch, "batch")
     time = require_positive_int(time, "time")
@@ -397,17 +421,148 @@ def logits_copy_bytes(
         raise TypeError(f"dtype must be a torch.dtype; got {type(dtype).__name__}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype; got {dtype}")
+    if not isinstance(upcast, bool):
+        raise TypeError(f"upcast must be a bool; got {type(upcast).__name__}")
     logits = torch.empty(batch, time, vocab, dtype=dtype, device="meta")
+    copied = 0
+    if upcast:
+        cast = logits.float()  # ForCausalLMLoss's first line
+        if cast is not logits:
+            copied += cast.numel() * cast.element_size()
+        logits = cast
     if route == "shift and slice":
         labels = torch.empty(batch, time, dtype=torch.long, device="meta")
         steps = trace_shift_and_flatten(logits, labels)
-        return sum(
+        return copied + sum(
             step.nbytes for step in steps
             if step.tensor == "logits" and step.copied
         )
-    upcast = logits.float()  # ForCausalLMLoss's first line
-    upcast.view(-1, vocab)  # raises rather than copy
-    return 0 if upcast is logits else upcast.numel() * upcast.element_size()
+    logits.view(-1, vocab)  # raises rather than copy
+    return copied
+
+
+def filter_target_mask(
+    attention_mask: torch.Tensor, time: int, release: str
+) -> torch.Tensor:
+    """LLaVA's crop of the attention mask, as the given release wrote it.
+
+    * ``"4.45"``: ``attention_mask[..., 1:]`` (transformers 4.45.0-4.45.2);
+    * ``"4.46"``: ``attention_mask[:, -(time - 1) :]`` (4.46.0-4.51.3,
+      with the comment that the mask is cropped "in case it is longer,
+      which happens in PrefixTuning with peft").
+
+    For a mask of the logits' length ``T >= 2`` both give columns
+    ``1 .. T-1``.  For a longer mask 4.45's crop is longer than the
+    ``T - 1`` logit rows, and for ``T = 1`` 4.46's ``-0:`` keeps the whole
+    mask: then :func:`release_filter_loss` fails as the release did.
+
+    Args:
+        attention_mask: ``(B, T')`` int or bool, ``0`` = padding.
+        time: ``T >= 1``, the logits' sequence length.
+        release: one of :data:`FILTER_RELEASES`.
+
+    Returns:
+        The cropped mask, a view of ``attention_mask``.
+    """
+    require_tensor(attention_mask, "attention_mask")
+    require_rank(attention_mask, 2, "attention_mask", "(B, T')")
+    time = require_positive_int(time, "time")
+    require_one_of(release, FILTER_RELEASES, "release")
+    if release == "4.45":
+        return attention_mask[..., 1:]
+    return attention_mask[:, -(time - 1) :]
+
+
+def release_filter_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    release: str,
+) -> torch.Tensor:
+    """LLaVA's filter branch line by line, with the crop of ``release``.
+
+    No upcast and no argument check beyond the crop's: the lines are those
+    of the release, so a mask whose crop does not match the ``T - 1``
+    logit rows raises the ``IndexError`` the release raised.
+    :func:`companion.causal_lm_loss.attention_mask_filter_loss` is the
+    checked version of the 4.46 form.
+
+    Args:
+        logits: ``(B, T, V)`` float.
+        labels: ``(B, T)`` int64, ``-100`` = ignored.
+        attention_mask: ``(B, T')`` int or bool, ``0`` = padding.
+        release: one of :data:`FILTER_RELEASES`.
+
+    Returns:
+        0-D tensor in ``logits``' dtype: the mean over pairs whose target
+        column of the cropped mask is not 0 and whose label is not -100.
+    """
+    require_tensor(logits, "logits")
+    require_rank(logits, 3, "logits", "(B, T, V)")
+    require_tensor(labels, "labels")
+    shift_attention_mask = filter_target_mask(
+        attention_mask, logits.shape[1], release
+    ).to(logits.device)
+    shift_logits = logits[..., :-1, :][shift_attention_mask != 0].contiguous()
+    shift_labels = labels[..., 1:][
+        shift_attention_mask.to(labels.device) != 0
+    ].contiguous()
+    loss_fct = nn.CrossEntropyLoss()
+    return loss_fct(
+        shift_logits.view(-1, shift_logits.size(-1)),
+        shift_labels.view(-1).to(shift_logits.device),
+    )
+
+
+def tiny_llava_processor(patch_size: int = PATCH_SIZE) -> Any:
+    """A ``LlavaProcessor`` built offline: a word-level tokenizer, CLIP images.
+
+    The tokenizer is trained in code with the ``tokenizers`` library on two
+    sentences (special tokens ``<unk> <pad> <s> </s> <image>``, right
+    padding); the image processor is a ``CLIPImageProcessorPil`` for
+    square images of :data:`~companion.experiments.tiny_models.IMAGE_SIZE`
+    pixels.  Nothing is downloaded.
+
+    Args:
+        patch_size: ``>= 1``, pixels per patch side; each ``<image>`` in a
+            text becomes ``(IMAGE_SIZE // patch_size) ** 2`` tokens.
+
+    Returns:
+        A ``transformers.LlavaProcessor``.
+    """
+    patch_size = require_positive_int(patch_size, "patch_size")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
+    word_level = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.train_from_iterator(
+        ["what is in the picture", "a cat on a mat"],
+        trainers.WordLevelTrainer(special_tokens=specials),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        unk_token="<unk>", pad_token="<pad>",
+        bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
 
 
 def layers_phrase(count: int) -> str:

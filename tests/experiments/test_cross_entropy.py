@@ -392,3 +392,136 @@ def test_tf_softmax_model_loss_rejects_bad_input(logits, target, kwargs, error, 
     with pytest.raises(error, match=rf"^{name}\b") as info:
         ce_exp.tf_softmax_model_loss(logits, target, **options)
     assert "companion" in pathlib.Path(str(info.traceback[-1].path)).parts
+
+
+# ---------------------------------------------------------------------------
+# Non-finite logits: only +inf and nan poison the gradient
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_only_plus_inf_and_nan_make_the_gradient_nan(dtype):
+    table = ce_exp.non_finite_logit_gradients(dtype)
+    assert len(table) == 3 * len(ce_exp.NON_FINITE_PLACEMENTS)
+    harmless = (table["logit"] == "-inf") & (table["placed in"] != "ignored row, every class")
+    assert (table["gradient"][harmless] == "finite").all()
+    assert (table["gradient"][~harmless] == "nan").all()
+    ignored = table["placed in"].str.startswith("ignored")
+    assert (table["loss"][ignored] == "finite").all()
+    minus_inf_target = (table["logit"] == "-inf") & (table["placed in"] == "scored row, target class")
+    assert table["loss"][minus_inf_target].tolist() == ["inf"]
+    assert (table["row 0 gradient"][~ignored] == "exactly 0").all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 2), (7, 3), (3, 50)])
+def test_minus_inf_masking_keeps_gradients_finite_and_ignored_rows_zero(dtype, shape):
+    # vocabulary masking: -inf on half the non-target classes of every row,
+    # in ignored and scored rows alike, and other shapes than the table's
+    n, c = shape
+    generator = torch.Generator().manual_seed(n * c)
+    logits = torch.randn(n, c, generator=generator, dtype=dtype)
+    targets = torch.zeros(n, dtype=torch.long)
+    targets[::2] = IGNORE_INDEX
+    if n == 1:
+        targets[0] = 0
+    logits[:, 1::2] = -math.inf
+    logits.requires_grad_(True)
+    loss = F.cross_entropy(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert (logits.grad[targets == IGNORE_INDEX] == 0).all()
+    assert (logits.grad[:, 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plus_inf_or_nan_in_an_ignored_row_makes_its_gradient_nan(bad, dtype):
+    logits = torch.zeros(3, 4, dtype=dtype)
+    logits[0, 1] = bad
+    logits.requires_grad_(True)
+    loss = F.cross_entropy(logits, torch.tensor([IGNORE_INDEX, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logits.grad[0].isnan().all() and torch.isfinite(logits.grad[1:]).all()
+
+
+# ---------------------------------------------------------------------------
+# The kernels behind F.cross_entropy: log_softmax, then nll_loss
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"reduction": "sum"}, {"reduction": "none"},
+                                     {"label_smoothing": 0.2}, {"weight": "w"}])
+def test_cross_entropy_dispatches_to_log_softmax_then_nll_loss(dtype, options):
+    logits = torch.randn(6, 5, dtype=dtype, requires_grad=True)
+    targets = torch.tensor([0, 1, IGNORE_INDEX, 3, 4, 2])
+    if options.get("weight") == "w":
+        options = {"weight": torch.linspace(0.5, 2.0, 5, dtype=dtype)}
+
+    def run():
+        loss = F.cross_entropy(logits, targets, **options)
+        loss.sum().backward()
+
+    calls = ce_exp.dispatched_aten_ops(run)
+    names = [name for name, _ in calls]
+    assert calls[0] == ("_log_softmax", (6, 5))
+    assert "nll_loss_forward" in names and "nll_loss_backward" in names
+    assert "_log_softmax_backward_data" in names
+    assert not any("cross_entropy" in name for name in names)
+
+
+def test_dispatched_aten_ops_sees_the_nd_loss_and_rejects_a_non_callable():
+    logits, targets = torch.zeros(2, 5, 3, 4), torch.zeros(2, 3, 4, dtype=torch.long)
+    calls = ce_exp.dispatched_aten_ops(lambda: F.cross_entropy(logits, targets))
+    assert calls[0] == ("_log_softmax", (2, 5, 3, 4))
+    assert any(name.startswith("nll_loss") for name, _ in calls)
+    with pytest.raises(TypeError, match=r"^run\b"):
+        ce_exp.dispatched_aten_ops(3)
+
+
+# ---------------------------------------------------------------------------
+# A real Model.fit(class_weight=...) with (B, T) labels
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch_size", "seq_len"), [(2, 4), (5, 3)])
+def test_keras3_fit_class_weight_raises_when_b_differs_from_t(batch_size, seq_len):
+    with pytest.raises(ValueError, match="Dimensions must be equal"):
+        ce_exp.keras_fit_class_weight(batch_size, seq_len, framework="keras")
+
+
+@pytest.mark.parametrize("size", [3, 4])
+def test_keras3_fit_class_weight_weights_along_time_when_b_equals_t(size):
+    fit = ce_exp.keras_fit_class_weight(size, size, framework="keras")
+    assert fit["reported"] == pytest.approx(fit["along_time"], rel=1e-5)
+    for other in ("per_sequence", "per_token", "unweighted"):
+        assert abs(fit["reported"] - fit[other]) > 1e-3
+
+
+@pytest.mark.parametrize(("batch_size", "seq_len"), [(2, 4), (4, 4)])
+def test_tf_keras_fit_class_weight_weights_whole_sequences(batch_size, seq_len):
+    fit = ce_exp.keras_fit_class_weight(batch_size, seq_len, framework="tf_keras")
+    assert fit["reported"] == pytest.approx(fit["per_sequence"], rel=1e-5)
+    assert abs(fit["reported"] - fit["per_token"]) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "name"),
+    [
+        ((2.0, 4), {}, TypeError, "batch_size"),
+        ((0, 4), {}, ValueError, "batch_size"),
+        ((2, "4"), {}, TypeError, "seq_len"),
+        ((2, 4), {"framework": "jax"}, ValueError, "framework"),
+        ((2, 4), {"num_classes": 1}, ValueError, "num_classes"),
+    ],
+)
+def test_keras_fit_class_weight_rejects_bad_input(args, kwargs, error, name):
+    with pytest.raises(error, match=rf"^{name}\b"):
+        ce_exp.keras_fit_class_weight(*args, **kwargs)
+
+
+def test_non_finite_logit_gradients_rejects_other_dtypes():
+    with pytest.raises(ValueError, match=r"^dtype\b"):
+        ce_exp.non_finite_logit_gradients(torch.float16)

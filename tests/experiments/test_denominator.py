@@ -14,11 +14,15 @@ from companion.accumulation import mean_of_means
 from companion.causal_lm_loss import count_scored_targets
 from companion.experiments.denominator import (
     accumulation_step,
+    cosine_from_norms,
+    cosine_similarity,
     data_parallel_accumulation_step,
     flat_gradient,
     full_batch_step,
     make_counting_batch,
+    make_packed_batch,
     naive_error_by_imbalance,
+    norm_ratio,
     relative_difference,
     source_excerpt,
     split_rows,
@@ -296,6 +300,163 @@ def test_naive_error_grows_with_imbalance_and_fix_stays_exact(model):
     assert all(row["fixed_loss_error"] < 1e-12 for row in rows)
     assert rows[-1]["naive_gradient_error"] > 0.5
     assert rows[-1]["naive_loss_error"] > rows[1]["naive_loss_error"] > 0.01
+    # Equal counts: same direction and length; unequal: both change.
+    assert rows[0]["naive_gradient_cosine"] > 1 - 1e-12
+    assert abs(rows[0]["naive_gradient_norm_ratio"] - 1) < 1e-12
+    assert rows[-1]["naive_gradient_cosine"] < 0.99
+    assert rows[-1]["naive_gradient_norm_ratio"] > 1.1
+
+
+# ---------------------------------------------------------------------------
+# Direction and length of a gradient, apart
+# ---------------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(
+    st.integers(1, 50),
+    st.floats(1e-3, 1e3),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 1000),
+)
+def test_a_scaled_gradient_has_cosine_1_but_a_relative_difference(size, scale, dtype, seed):
+    # The counterexample to "gradient error" as one number: a pure change of
+    # scale is all length and no direction.
+    g = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    assert cosine_similarity(scale * g, g) == pytest.approx(1.0, abs=1e-6)
+    assert norm_ratio(scale * g, g) == pytest.approx(scale, rel=1e-6)
+    assert relative_difference(scale * g, g) == pytest.approx(abs(scale - 1), rel=1e-5, abs=1e-6)
+
+
+def test_a_turned_gradient_keeps_its_norm_but_loses_cosine():
+    # Same relative difference (1.0), two different faults.
+    g = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    doubled = 2 * g
+    turned = torch.tensor([0.5, 3**0.5 / 2], dtype=torch.float64)  # 60 degrees
+    assert relative_difference(doubled, g) == pytest.approx(1.0)
+    assert relative_difference(turned, g) == pytest.approx(1.0)
+    assert (cosine_similarity(doubled, g), norm_ratio(doubled, g)) == pytest.approx((1.0, 2.0))
+    assert (cosine_similarity(turned, g), norm_ratio(turned, g)) == pytest.approx((0.5, 1.0))
+    assert cosine_similarity(-g, g) == -1.0
+    assert cosine_similarity(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])) == 0.0
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 40), st.integers(0, 1000), st.floats(0.01, 100))
+def test_cosine_from_norms_is_the_direct_cosine(size, seed, scale):
+    generator = torch.Generator().manual_seed(seed)
+    a = scale * torch.randn(size, generator=generator, dtype=torch.float64)
+    b = torch.randn(size, generator=generator, dtype=torch.float64)
+    derived = cosine_from_norms(norm_ratio(a, b), relative_difference(a, b))
+    assert derived == pytest.approx(cosine_similarity(a, b), abs=1e-9)
+
+
+def test_direction_and_length_errors():
+    for function in (cosine_similarity, norm_ratio):
+        with pytest.raises(ValueError, match="norm 0"):
+            function(torch.ones(3), torch.zeros(3))
+        with pytest.raises(ValueError, match="shape of reference"):
+            function(torch.ones(3), torch.ones(2))
+        with pytest.raises(TypeError, match="result"):
+            function(torch.ones(3, dtype=torch.long), torch.ones(3))
+    with pytest.raises(ValueError, match="result has norm 0"):
+        cosine_similarity(torch.zeros(3), torch.ones(3))
+    assert norm_ratio(torch.zeros(3), torch.ones(3)) == 0.0
+    with pytest.raises(ValueError, match="gradient_norm_ratio must be finite and > 0"):
+        cosine_from_norms(0.0, 0.5)
+    with pytest.raises(ValueError, match="relative_gradient_error must be finite and >= 0"):
+        cosine_from_norms(1.0, -0.1)
+    with pytest.raises(ValueError, match="triangle inequality"):
+        cosine_from_norms(1.0, 3.0)
+
+
+# ---------------------------------------------------------------------------
+# Packed rows: equal lengths are not equal scored counts
+# ---------------------------------------------------------------------------
+
+
+def test_packed_batch_layout():
+    rows = [[(3, 2), (2, 1)], [(1, 4)]]
+    input_ids, labels = make_packed_batch(rows, vocab_size=9, seed=0, total_length=9)
+    assert input_ids.shape == labels.shape == (2, 9)
+    # Examples start with BOS where the previous one ends.
+    assert input_ids[0, 0] == input_ids[0, 5] == input_ids[1, 0] == BOS_TOKEN_ID
+    assert torch.all(input_ids[0, 8:] == PAD_TOKEN_ID) and torch.all(input_ids[1, 5:] == PAD_TOKEN_ID)
+    # Prompts masked: only answers are labels.
+    scored = (labels != -100).tolist()
+    assert scored[0] == [False, False, False, True, True, False, False, True, False]
+    assert scored[1] == [False, True, True, True, True, False, False, False, False]
+    assert count_scored_targets(labels) == 3 + 4
+    # Answers count up from their own start.
+    answer = input_ids[1, 1:5] - 2
+    assert torch.all(answer[1:] == (answer[:-1] + 1) % 7)
+    unmasked_ids, unmasked = make_packed_batch(rows, vocab_size=9, seed=0, total_length=9, mask_prompts=False)
+    assert torch.equal(unmasked_ids, input_ids)
+    assert torch.equal(unmasked == -100, input_ids == PAD_TOKEN_ID)
+
+
+@settings(max_examples=20)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(1, 8), st.integers(1, 8)), min_size=1, max_size=3),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, 1000),
+)
+def test_packed_counts_are_the_answers_when_prompts_are_masked(rows, seed):
+    input_ids, labels = make_packed_batch(rows, vocab_size=CONFIG.vocab_size, seed=seed, total_length=50)
+    for row, examples in enumerate(rows):
+        assert count_scored_targets(labels[row : row + 1]) == sum(a for _, a in examples)
+    _, unmasked = make_packed_batch(
+        rows, vocab_size=CONFIG.vocab_size, seed=seed, total_length=50, mask_prompts=False
+    )
+    for row, examples in enumerate(rows):
+        assert count_scored_targets(unmasked[row : row + 1]) == sum(p + a for p, a in examples) - 1
+
+
+def test_packing_equalises_counts_only_when_every_token_is_scored(model):
+    # The counterexample to "packed to a fixed length, counts are nearly
+    # equal": every row holds the same 16 tokens, but masked prompts leave
+    # rank 0 with 4 scored targets and rank 1 with 28.
+    rows = [[(7, 1), (7, 1)]] * 2 + [[(1, 7), (1, 7)]] * 2
+    assert {sum(p + a for p, a in examples) for examples in rows} == {16}
+    ranks = [[1, 1], [1, 1]]
+    masked = make_packed_batch(rows, vocab_size=CONFIG.vocab_size, seed=3)
+    full = full_batch_step(model, *masked)
+    per_rank = data_parallel_accumulation_step(model, *masked, ranks, "per_rank")
+    assert per_rank.token_counts == (2, 2, 14, 14)
+    assert abs(per_rank.loss - full.loss) / full.loss > 0.1
+    assert cosine_similarity(per_rank.gradient, full.gradient) < 0.99
+    glob = data_parallel_accumulation_step(model, *masked, ranks, "global")
+    assert relative_difference(glob.gradient, full.gradient) < 1e-12
+    # Pretraining-style packing: every token scored, counts equal, exact.
+    pretraining = make_packed_batch(rows, vocab_size=CONFIG.vocab_size, seed=3, mask_prompts=False)
+    full = full_batch_step(model, *pretraining)
+    per_rank = data_parallel_accumulation_step(model, *pretraining, ranks, "per_rank")
+    assert per_rank.token_counts == (15, 15, 15, 15)
+    assert relative_difference(per_rank.gradient, full.gradient) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "error", "match"),
+    [
+        ([], {}, ValueError, "at least 1 row"),
+        ("ab", {}, ValueError, "non-empty sequence"),
+        ([[]], {}, ValueError, r"rows\[0\] must be a non-empty"),
+        ([[(1, 2, 3)]], {}, ValueError, r"rows\[0\]\[0\] must be a pair"),
+        ([[(0, 2)]], {}, ValueError, r"rows\[0\]\[0\]\[0\] must be >= 1"),
+        ([[(1, 0)]], {}, ValueError, r"rows\[0\]\[0\]\[1\] must be >= 1"),
+        ([[(1.5, 2)]], {}, TypeError, r"rows\[0\]\[0\]\[0\]"),
+        ([[(2, 2)]], {"vocab_size": 2}, ValueError, "vocab_size must be >= 3"),
+        ([[(2, 2)]], {"total_length": 3}, ValueError, "total_length must be >="),
+        ([[(2, 2)]], {"mask_prompts": 1}, TypeError, "mask_prompts must be a bool"),
+    ],
+)
+def test_packed_batch_errors(rows, kwargs, error, match):
+    arguments = {"vocab_size": 9, "seed": 0, **kwargs}
+    with pytest.raises(error, match=match):
+        make_packed_batch(rows, **arguments)
 
 
 # ---------------------------------------------------------------------------

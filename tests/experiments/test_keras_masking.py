@@ -506,3 +506,82 @@ def test_lambda_with_a_mask_function_keeps_the_mask(framework) -> None:
     assert _masked_head_loss(framework, "Lambda with mask") == pytest.approx(
         LOG5, abs=FLOAT32_TOL
     )
+
+
+# ---------------------------------------------------------------------------
+# Keras's own fix, ignore_class (issue #13), and metrics= against
+# weighted_metrics=
+# ---------------------------------------------------------------------------
+
+
+def test_built_in_fix_table_ignore_class_and_mean_with_sample_weight() -> None:
+    table = km.built_in_fix_table()
+    truth = table.loc[("float64", "token mean")].to_numpy(float)
+    cases = list(table.columns)
+    weighted = cases.index("weights 2,1,1,0,0")
+    # The padding-confident toy: scoring padding would move every case.
+    np.testing.assert_allclose(truth, LOG5, atol=1e-12)
+    for row in [
+        ("keras", "ignore_class=0, mean_with_sample_weight"),
+        ("keras", "fixed"),
+        ("tf_keras", "fixed"),
+    ]:
+        np.testing.assert_allclose(
+            table.loc[row].to_numpy(float), truth, atol=FLOAT32_TOL
+        )
+    for framework in keras_loss.FRAMEWORKS:
+        alone = table.loc[(framework, "ignore_class=0")].to_numpy(float)
+        others = [i for i in range(len(cases)) if i != weighted]
+        np.testing.assert_allclose(alone[others], truth[others], atol=FLOAT32_TOL)
+        # With weights 2,1,1,0,0 it divides by the 3 valid tokens.
+        assert alone[weighted] == pytest.approx(4 * LOG5 / 3, abs=FLOAT32_TOL)
+
+
+def test_mean_with_sample_weight_needs_keras_3_7_and_ignore_class_2_10() -> None:
+    from keras.src.losses import loss as keras_loss_module
+
+    assert "mean_with_sample_weight" in inspect.getsource(
+        keras_loss_module.standardize_reduction
+    )
+    for K in (keras, tf_keras):
+        signature = inspect.signature(K.losses.SparseCategoricalCrossentropy)
+        assert "ignore_class" in signature.parameters
+
+
+def test_metrics_argument_ignores_sample_weights_and_scores_padding() -> None:
+    table = km.metrics_argument_table()
+    logits = km.padding_confident_logits(5, 8.0)
+    unweighted = float(km.reference_token_nll(logits, SOURCE, SOURCE).mean())
+    assert unweighted == pytest.approx(0.9662, abs=1e-4)
+    np.testing.assert_allclose(
+        table["metrics"].to_numpy(float), unweighted, atol=FLOAT32_TOL
+    )
+    np.testing.assert_allclose(
+        table["weighted_metrics"].to_numpy(float), LOG5, atol=FLOAT32_TOL
+    )
+    np.testing.assert_allclose(table["token mean"].to_numpy(float), LOG5)
+
+
+def test_report_rejects_an_unknown_metrics_argument() -> None:
+    batch = km.Batch(SOURCE, SOURCE)
+    with pytest.raises(ValueError, match="metrics_argument"):
+        km.report("keras", "sparse_categorical_crossentropy", batch,
+                  km.uniform_logits(5), metrics_argument="metric")
+
+
+@pytest.mark.parametrize("framework", keras_loss.FRAMEWORKS)
+def test_a_plain_function_is_compiled_into_a_loss_function_wrapper(
+    framework,
+) -> None:
+    K = keras_loss.keras_api(framework)
+    model = km.build_toy_model(framework, km.uniform_logits(5))
+    model.compile(loss=km.make_loss(framework, "function"))
+    model.evaluate(SOURCE, SOURCE, verbose=0)
+    if K is keras:
+        wrapped = model._compile_loss._flat_losses[0].loss
+        from keras.src.losses.losses import LossFunctionWrapper as wrapper
+    else:
+        wrapped = model.compiled_loss._losses[0]
+        from tf_keras.src.losses import LossFunctionWrapper as wrapper
+    assert isinstance(wrapped, wrapper)
+    assert wrapped.reduction in ("sum_over_batch_size", "auto")

@@ -273,25 +273,62 @@ def test_family_loss_table_bad_input_names_the_argument(checks, error, pattern):
 BTV = (8, 2048, 32000)
 
 
+FULL32 = 8 * 2048 * 32000 * 4  # a (B, T, V) float32 copy
+SLICE32 = 8 * 2047 * 32000 * 4  # a (B, T - 1, V) float32 copy
+
+
 @pytest.mark.parametrize(
-    ("batch", "dtype", "route", "expected"),
+    ("batch", "dtype", "route", "upcast", "expected"),
     [
-        # B = 1: the slice is already contiguous, nothing is copied
-        (1, torch.float32, "shift and slice", 0),
-        (1, torch.float32, "label padding", 0),
+        # B = 1: the slice is already contiguous; float32 needs no cast
+        (1, torch.float32, "shift and slice", True, 0),
+        (1, torch.float32, "label padding", True, 0),
+        (1, torch.float32, "shift and slice", False, 0),
         # B > 1: .contiguous() copies the (B, T - 1, V) slice, in its dtype
-        (8, torch.float32, "shift and slice", 8 * 2047 * 32000 * 4),
-        (8, torch.bfloat16, "shift and slice", 8 * 2047 * 32000 * 2),
-        # logits.float(): free for float32, a full (B, T, V) float32 copy otherwise
-        (8, torch.float32, "label padding", 0),
-        (8, torch.bfloat16, "label padding", 8 * 2048 * 32000 * 4),
-        (8, torch.float16, "label padding", 8 * 2048 * 32000 * 4),
-        (8, torch.float64, "label padding", 8 * 2048 * 32000 * 4),
-        (1, torch.bfloat16, "label padding", 1 * 2048 * 32000 * 4),
+        (8, torch.float32, "shift and slice", True, SLICE32),
+        (8, torch.float32, "shift and slice", False, SLICE32),
+        (8, torch.bfloat16, "shift and slice", False, SLICE32 // 2),
+        # logits.float() first: the same (B, T, V) float32 copy on both
+        # routes, then shift and slice copies its float32 slice as well
+        (8, torch.bfloat16, "shift and slice", True, FULL32 + SLICE32),
+        (8, torch.bfloat16, "label padding", True, FULL32),
+        (8, torch.float16, "label padding", True, FULL32),
+        (8, torch.float64, "label padding", True, FULL32),
+        (1, torch.bfloat16, "label padding", True, FULL32 // 8),
+        (1, torch.bfloat16, "shift and slice", True, FULL32 // 8),
+        # no cast: label padding copies nothing in any dtype
+        (8, torch.float32, "label padding", False, 0),
+        (8, torch.bfloat16, "label padding", False, 0),
+        (8, torch.float64, "label padding", False, 0),
     ],
 )
-def test_logits_copy_bytes(batch, dtype, route, expected):
-    assert lv.logits_copy_bytes(batch, BTV[1], BTV[2], route, dtype) == expected
+def test_logits_copy_bytes(batch, dtype, route, upcast, expected):
+    got = lv.logits_copy_bytes(batch, BTV[1], BTV[2], route, dtype, upcast=upcast)
+    assert got == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_the_upcast_costs_the_same_on_both_routes(batch, dtype):
+    """The copy of .float() belongs to the cast, not to the label route."""
+    def cost(route, upcast):
+        return lv.logits_copy_bytes(batch, 64, 50, route, dtype, upcast=upcast)
+
+    upcast_cost = {r: cost(r, True) - cost(r, False) for r in lv.LOSS_ROUTES}
+    if dtype == torch.float32:
+        assert set(upcast_cost.values()) == {0}
+    elif batch == 1:
+        # the slice is free both ways: the cast is the whole difference
+        assert upcast_cost["label padding"] == upcast_cost["shift and slice"] == batch * 64 * 50 * 4
+    else:
+        # label padding pays exactly the cast; shift and slice the cast
+        # plus the difference between a float32 and a `dtype` slice
+        assert upcast_cost["label padding"] == batch * 64 * 50 * 4
+        slice_delta = batch * 63 * 50 * (4 - dtype.itemsize)
+        assert upcast_cost["shift and slice"] == upcast_cost["label padding"] + slice_delta
+    # like for like, label padding never copies more than shift and slice
+    for upcast in (True, False):
+        assert cost("label padding", upcast) <= cost("shift and slice", upcast)
 
 
 def test_logits_copy_bytes_agrees_with_real_tensors():
@@ -306,9 +343,13 @@ def test_logits_copy_bytes_agrees_with_real_tensors():
             flat, _ = flatten_for_cross_entropy(logits, labels)
             sliced = 0 if shares_storage(flat, logits) else flat.nbytes
             upcast = logits.float()
-            padded = 0 if shares_storage(upcast, logits) else upcast.nbytes
-            assert lv.logits_copy_bytes(batch, 5, 7, "shift and slice", dtype) == sliced
-            assert lv.logits_copy_bytes(batch, 5, 7, "label padding", dtype) == padded
+            cast = 0 if shares_storage(upcast, logits) else upcast.nbytes
+            flat32, _ = flatten_for_cross_entropy(upcast, labels)
+            sliced32 = 0 if shares_storage(flat32, upcast) else flat32.nbytes
+            assert lv.logits_copy_bytes(batch, 5, 7, "shift and slice", dtype, upcast=False) == sliced
+            assert lv.logits_copy_bytes(batch, 5, 7, "label padding", dtype, upcast=False) == 0
+            assert lv.logits_copy_bytes(batch, 5, 7, "shift and slice", dtype) == cast + sliced32
+            assert lv.logits_copy_bytes(batch, 5, 7, "label padding", dtype) == cast
 
 
 @pytest.mark.parametrize(
@@ -325,6 +366,113 @@ def test_logits_copy_bytes_agrees_with_real_tensors():
 def test_logits_copy_bytes_bad_input_names_the_argument(args, error, pattern):
     with pytest.raises(error, match=pattern):
         lv.logits_copy_bytes(*args)
+    with pytest.raises(TypeError, match="upcast must be a bool"):
+        lv.logits_copy_bytes(2, 4, 5, "label padding", upcast=1)
+
+
+# --- the attention-mask filter of 4.45 and of 4.46-4.51 ---------------------------
+
+
+@pytest.mark.parametrize("release", lv.FILTER_RELEASES)
+def test_release_filter_loss_is_the_package_filter(batch, llava_logits, release):
+    """Same-length mask: both crops give the package's loss, padding labelled too."""
+    padding = batch.segments == lv.SEGMENT_CODES["padding"]
+    for labels in (batch.labels, torch.where(padding, batch.input_ids, batch.labels)):
+        got = lv.release_filter_loss(llava_logits, labels, batch.attention_mask, release)
+        want = attention_mask_filter_loss(llava_logits, labels, batch.attention_mask)
+        assert abs(float(got) - float(want)) < 1e-6
+
+
+@pytest.mark.parametrize("time", [2, 3, 7])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_the_two_crops_agree_for_a_mask_of_the_logits_length(time, batch_size):
+    generator = torch.Generator().manual_seed(time * 10 + batch_size)
+    logits = torch.randn(batch_size, time, 5, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 5, (batch_size, time), generator=generator)
+    labels[0, -1] = IGNORE_INDEX
+    for mask in (
+        torch.randint(0, 2, (batch_size, time), generator=generator),
+        torch.randint(0, 2, (batch_size, time), generator=generator).bool(),
+        torch.ones(batch_size, time, dtype=torch.long),
+    ):
+        crops = [lv.filter_target_mask(mask, time, r) for r in lv.FILTER_RELEASES]
+        assert torch.equal(crops[0], crops[1]) and torch.equal(crops[0], mask[:, 1:])
+        losses = [lv.release_filter_loss(logits, labels, mask, r) for r in lv.FILTER_RELEASES]
+        both_nan = all(math.isnan(float(x)) for x in losses)
+        assert both_nan or float(losses[0]) == float(losses[1])
+
+
+@pytest.mark.parametrize("prefix", [1, 3])
+def test_a_longer_mask_splits_the_crops(prefix, batch, llava_logits):
+    """Prefix tuning: 4.46 crops the front away, 4.45 cannot index with it."""
+    prefixed = torch.cat(
+        [torch.ones(batch.attention_mask.shape[0], prefix, dtype=torch.long), batch.attention_mask], dim=1
+    )
+    time = llava_logits.shape[1]
+    assert lv.filter_target_mask(prefixed, time, "4.46").shape[1] == time - 1
+    assert lv.filter_target_mask(prefixed, time, "4.45").shape[1] == time - 1 + prefix
+    new = lv.release_filter_loss(llava_logits, batch.labels, prefixed, "4.46")
+    assert abs(float(new) - float(label_padding_loss(llava_logits, batch.labels))) < 1e-6
+    with pytest.raises(IndexError, match="shape of the mask"):
+        lv.release_filter_loss(llava_logits, batch.labels, prefixed, "4.45")
+
+
+def test_at_t_1_the_4_46_crop_keeps_the_whole_mask():
+    """-(T - 1) = -0 keeps every column: 4.46 fails where 4.45 gives nan."""
+    logits, labels = torch.zeros(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
+    mask = torch.ones(2, 1, dtype=torch.long)
+    assert lv.filter_target_mask(mask, 1, "4.46").shape == (2, 1)
+    assert lv.filter_target_mask(mask, 1, "4.45").shape == (2, 0)
+    assert math.isnan(float(lv.release_filter_loss(logits, labels, mask, "4.45")))
+    with pytest.raises(IndexError):
+        lv.release_filter_loss(logits, labels, mask, "4.46")
+    # the package's version takes the last T - 1 = 0 columns instead
+    assert math.isnan(float(attention_mask_filter_loss(logits, labels, mask)))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda: lv.filter_target_mask([[1]], 2, "4.46"), TypeError, "attention_mask must be a"),
+        (lambda: lv.filter_target_mask(torch.ones(3), 2, "4.46"), ValueError, "attention_mask"),
+        (lambda: lv.filter_target_mask(torch.ones(1, 3), 0, "4.46"), ValueError, "time must be >= 1"),
+        (lambda: lv.filter_target_mask(torch.ones(1, 3), 2, "4.47"), ValueError, "release must be one of"),
+        (lambda: lv.release_filter_loss(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), "4.46"),
+         ValueError, "logits"),
+    ],
+)
+def test_filter_bad_input_names_the_argument(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+# --- the processor --------------------------------------------------------------------
+
+
+def test_llava_processor_always_returns_an_attention_mask():
+    """Padded or not, one text or many, tensors or lists: the mask is there."""
+    import numpy as np
+
+    processor = lv.tiny_llava_processor()
+    image = np.zeros((tm.IMAGE_SIZE, tm.IMAGE_SIZE, 3), dtype=np.uint8)
+    texts = ["<image> what is in the picture", "<image> a cat"]
+    calls = [
+        dict(text=texts, images=[image, image], padding=True, return_tensors="pt"),
+        dict(text=texts, images=[image, image], padding="longest"),
+        dict(text=texts[1], images=image),
+        dict(text=texts[1], images=image, padding=False, return_tensors="pt"),
+        dict(text=["a cat", "what is in the picture"], padding=True),
+    ]
+    for kwargs in calls:
+        out = processor(**kwargs)
+        assert "attention_mask" in out, kwargs
+    padded = processor(**calls[0])
+    assert padded["attention_mask"].shape == padded["input_ids"].shape
+    assert (padded["attention_mask"] == 0).any()  # right padding is masked
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((padded["input_ids"][0] == image_id).sum()) == tm.image_token_count()
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        lv.tiny_llava_processor(patch_size=0)
 
 
 def test_layers_phrase():
