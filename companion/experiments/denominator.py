@@ -96,6 +96,29 @@ REDUCTIONS: tuple[str, ...] = ("mean_of_means", "token_mean")
 # ---------------------------------------------------------------------------
 
 
+
+def _row_width(
+    vocab_size: int, lengths: Sequence[int], total_length: int | None, what: str
+) -> int:
+    """The padded row width: ``total_length``, or the longest row (at least 2).
+
+    Also checks ``vocab_size >= 3`` (id 0 is padding, id 1 is BOS).
+    """
+    if vocab_size < 3:
+        raise ValueError(
+            "vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); "
+            f"got {vocab_size}"
+        )
+    longest = max(max(lengths), 2)
+    if total_length is None:
+        return longest
+    require_positive_int(total_length, "total_length")
+    if total_length < longest:
+        raise ValueError(
+            f"total_length must be >= {what} = {longest}; got {total_length}"
+        )
+    return total_length
+
 def make_counting_batch(
     lengths: Sequence[int],
     *,
@@ -138,20 +161,9 @@ def make_counting_batch(
         require_positive_int(length, f"lengths[{index}]")
     require_positive_int(vocab_size, "vocab_size")
     require_int(seed, "seed")
-    if vocab_size < 3:
-        raise ValueError(
-            "vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); "
-            f"got {vocab_size}"
-        )
-    longest = max(max(lengths), 2)
-    if total_length is None:
-        total_length = longest
-    require_positive_int(total_length, "total_length")
-    if total_length < longest:
-        raise ValueError(
-            f"total_length must be >= max(lengths, 2) = {longest}; "
-            f"got {total_length}"
-        )
+    total_length = _row_width(
+        vocab_size, lengths, total_length, "max(lengths, 2)"
+    )
     cycle = vocab_size - 2
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, cycle, (len(lengths),), generator=generator)
@@ -241,21 +253,10 @@ def make_packed_batch(
         raise TypeError(
             f"mask_prompts must be a bool; got {type(mask_prompts).__name__}"
         )
-    if vocab_size < 3:
-        raise ValueError(
-            "vocab_size must be >= 3 (id 0 is padding, id 1 is BOS); "
-            f"got {vocab_size}"
-        )
     lengths = [sum(p + a for p, a in examples) for examples in rows]
-    longest = max(max(lengths), 2)
-    if total_length is None:
-        total_length = longest
-    require_positive_int(total_length, "total_length")
-    if total_length < longest:
-        raise ValueError(
-            f"total_length must be >= the longest row (and 2) = {longest}; "
-            f"got {total_length}"
-        )
+    total_length = _row_width(
+        vocab_size, lengths, total_length, "the longest row (and 2)"
+    )
     cycle = vocab_size - 2
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.full(
