@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots clean
+.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots clean history
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,12 +28,21 @@ $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The releases the version history runs (transformers 4.45-4.52, Keras 3.6
+# and 3.7) and reads (transformers 4.45.0, Keras 2.9-2.11), each in its own
+# folder under .history/; about 330 MiB, downloaded once (wheels are kept).
+HISTORY := .history/installed.json
+$(HISTORY): $(STAMP) companion/experiments/history.py
+	$(BIN)/python -c "from companion.experiments import history; history.install()"
+
+history: $(HISTORY)
+
 book: $(STAMP)
 	rm -rf _build
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
-unit: $(STAMP)
+unit: $(STAMP) $(HISTORY)
 	$(BIN)/python -m pytest tests --ignore=tests/site
 
 # The built site in headless Chromium (skipped, with the reason, when no
@@ -41,7 +50,7 @@ unit: $(STAMP)
 site: $(STAMP)
 	$(BIN)/python -m pytest tests/site
 
-nbval: $(STAMP)
+nbval: $(STAMP) $(HISTORY)
 	$(BIN)/python -m pytest --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS)
 
@@ -50,12 +59,12 @@ test: unit nbval book site
 # The portability pass: every stored output must be the same under
 # PyTorch's generic kernels on one thread, under AVX2 kernels, and natively
 # with no network.  .ci/run runs it after `make test`.
-test-portable: $(STAMP)
+test-portable: $(STAMP) $(HISTORY)
 	bash tests/portability.sh $(BIN)/python $(NOTEBOOKS)
 
 # Re-execute every notebook and save its outputs in place (after a change
 # to the package or a chapter).
-notebooks: $(STAMP)
+notebooks: $(STAMP) $(HISTORY)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=600 \
 		--CoalesceStreamsPreprocessor.enabled=True $(NOTEBOOKS)

@@ -23,7 +23,7 @@ from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
 IGNORED, SCORED, PADDING = 0, 1, 2
 
 _SEGMENT_LETTERS = {
-    "bos": "S", "image": "I", "prompt": "P", "answer": "A", "padding": "",
+    "bos": "\u25b6", "image": "I", "prompt": "P", "answer": "A", "padding": "",
 }
 
 #: Font sizes in points, for a figure shown at the text width.
@@ -78,8 +78,9 @@ def plot_label_layout(
     Returns:
         One row per sequence, one cell per position.  Blue: a target that
         enters the loss; grey: ``-100``; white: padding.  Each cell carries
-        its segment's letter (S = begin-of-sequence, I = image, P = prompt,
-        A = answer).  The figure is :data:`companion.plots.TEXT_WIDTH_IN`
+        its segment's mark (a triangle for begin-of-sequence, I = image,
+        P = prompt, A = answer: no letter that the book's notation uses for
+        a set).  The figure is :data:`companion.plots.TEXT_WIDTH_IN`
         wide, with cell letters of :data:`CELL_FONTSIZE` and a legend of
         :data:`LEGEND_FONTSIZE` points.
     """
@@ -123,7 +124,7 @@ def plot_label_layout(
             Patch(facecolor="white", edgecolor="black",
                   label="padding (mask 0)"),
             Patch(visible=False,
-                  label="S start, I image, P prompt, A answer"),
+                  label="\u25b6 start, I image, P prompt, A answer"),
         ],
         loc="upper center",
         bbox_to_anchor=(0.5, -0.3),
