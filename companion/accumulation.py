@@ -4,7 +4,8 @@ A token-level mean loss is ``sum of token losses / number of scored tokens``.
 Whenever the tokens are split into groups (batches of an epoch, micro-batches
 of gradient accumulation, ranks of data-parallel training) and each group is
 averaged first, the result is a *mean of means*: every token of group ``k``
-gets weight ``1 / (K n_k)`` instead of ``1 / N``.  The two agree only when
+gets weight ``1 / (K n_k)`` instead of ``1 / |S|``, where ``|S|`` is the
+number of scored tokens in all groups (the book's notation).  The two agree only when
 every group holds the same number of scored tokens.
 
 This module holds
@@ -162,15 +163,15 @@ def mean_of_means(
 def token_weight_factors(counts: Sequence[int]) -> list[float]:
     """How much more (or less) a token of each group counts, mean of means.
 
-    The token mean weighs every token ``1 / N``; the equal-weight mean of
+    The token mean weighs every token ``1 / |S|``; the equal-weight mean of
     means weighs a token of group ``k`` ``1 / (K n_k)``.  The ratio is
-    ``N / (K n_k)``: above 1 in groups with fewer tokens than average.
+    ``|S| / (K n_k)``: above 1 in groups with fewer tokens than average.
 
     Args:
         counts: ``(K,)`` scored tokens of each group, all ``>= 1``.
 
     Returns:
-        ``(K,)`` factors; ``sum_k n_k * factor_k == N``.
+        ``(K,)`` factors; ``sum_k n_k * factor_k == |S|``.
     """
     require_sequence(counts, "counts", "a sequence of ints")
     if len(counts) == 0:
@@ -234,20 +235,20 @@ def micro_batch_loss(
     world_size: int = 1,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """The loss one micro-batch back-propagates: ``R * S_k / N``.
+    """The loss one micro-batch back-propagates: ``R * s_k / |S|``.
 
-    ``S_k`` is the summed next-token loss of the micro-batch, ``N`` the
+    ``s_k`` is the summed next-token loss of the micro-batch, ``|S|`` the
     scored targets of the whole step (:func:`count_items_in_batch`, over
     every micro-batch and every rank) and ``R`` the number of
     data-parallel ranks.  The gradients of the step's micro-batches add up
     in ``.grad``, and ``DistributedDataParallel`` averages them over the
-    ``R`` ranks, so the step's gradient is ``sum_k grad S_k / N``: the
+    ``R`` ranks, so the step's gradient is ``sum_k grad s_k / |S|``: the
     gradient of the token mean of the whole step, however it was split.
 
     Args:
         logits: ``(B, T, V)`` float, the micro-batch's logits.
         labels: ``(B, T)`` of any integer dtype, ``ignore_index`` = ignored.
-        num_items_in_batch: ``N``, an ``int >= 1`` or a 0-D integer tensor
+        num_items_in_batch: ``|S|``, an ``int >= 1`` or a 0-D integer tensor
             ``>= 1``.
         world_size: ``R >= 1``; 1 for gradient accumulation in one process.
         ignore_index: label value that is not scored (an ``int``).

@@ -184,6 +184,9 @@ def make_copies(source: Path, target: Path) -> list[Path]:
         written.append(out)
     for path in source.glob("*.md"):
         shutil.copy(path, target / path.name)
+    # the pages' own images (the introduction's figure), at the same path
+    if (source / "images").is_dir():
+        shutil.copytree(source / "images", target / "images", dirs_exist_ok=True)
     return written
 
 

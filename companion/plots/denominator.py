@@ -19,9 +19,11 @@ def plot_token_weights(
 ) -> plt.Figure:
     """Weight of one token of each group in the loss, under both reductions.
 
-    The token mean gives every token ``1 / N``; the equal-weight mean of
-    means gives a token of group ``k`` ``1 / (K n_k)``.  Bars show both, in
-    units of ``1 / N``, so the token mean is a row of ones.
+    The token mean gives every one of the ``|S|`` scored tokens ``1 / |S|``;
+    the equal-weight mean of means gives a token of group ``k``
+    ``1 / (K n_k)``.  Bars show both as multiples of a token's share in the
+    token mean, so the token mean is a row of ones.  The labels say this in
+    words: ``N`` is the book's symbol for all rows, scored or not.
 
     Args:
         counts: ``(K,)`` scored tokens per group, all ``>= 1``.
@@ -36,24 +38,24 @@ def plot_token_weights(
         np.ones(len(factors)),
         width,
         color=COLORS["right"],
-        label="token mean: $1/N$ for every token",
+        label="token mean",
     )
     ax.bar(
         positions + width / 2,
         factors,
         width,
         color=COLORS["wrong"],
-        label="mean of means: $1/(K\\,n_k)$",
+        label="mean of means",
     )
     tick_labels = [
         f"{group_label} {k + 1}\n$n_{{{k + 1}}}$ = {n}"
         for k, n in enumerate(counts)
     ]
     ax.set_xticks(positions, tick_labels)
-    ax.set_ylabel("weight of one token\n(units of $1/N$)")
+    ax.set_ylabel("weight of one token\n(1 = its share in the token mean)")
     ax.set_xlabel(f"{group_label} and its scored tokens")
     ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.legend(frameon=False, fontsize=LEGEND_PT)
+    ax.legend(frameon=False, fontsize=LEGEND_PT, loc="upper right")
     ax.set_title(
         "A token of a small group counts more under the mean of means",
         fontsize=11,

@@ -24,6 +24,10 @@ def test_token_weight_figure_shows_both_reductions():
     heights = [patch.get_height() for patch in ax.patches]
     assert heights == pytest.approx([1.0, 1.0, 32 / 4, 32 / 60])
     assert ax.get_ylabel() and ax.get_xlabel()
+    # N is the book's symbol for all rows, scored or not: the weights are
+    # described in words, not as multiples of 1/N
+    labels = [ax.get_ylabel()] + [t.get_text() for t in ax.get_legend().get_texts()]
+    assert not any("N" in label for label in labels)
     matplotlib.pyplot.close(fig)
 
 
