@@ -16,7 +16,11 @@ read, differentiated by hand and compared:
   ``w[y_n] * (softmax(x_n) - onehot(y_n)) / sum w[y]``;
 * :func:`flatten_class_axis`, from ``nn.CrossEntropyLoss``'s class-second
   ``(B, C, T)`` layout to flat rows;
-* :func:`check_cross_entropy_inputs`, the checks every function here runs.
+* :func:`check_cross_entropy_inputs`, the checks every function here runs;
+* :func:`nats_to_bits`, :func:`perplexity`, :func:`bits_per_character` and
+  :func:`bits_per_byte`, the units a summed loss is reported in: a
+  perplexity depends on the tokenizer, bits per character or byte of the
+  same text do not.
 
 The float64 NumPy references these are tested against are in
 :mod:`companion.reference`; the textbook formula that overflows, and the
@@ -26,6 +30,7 @@ same loss in TensorFlow and Keras side by side, are chapter 3's experiments
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -42,19 +47,25 @@ from companion._checks import (
     require_leading_dims,
     require_no_empty_dim,
     require_one_of,
+    require_positive_int,
     require_rank,
+    require_real_number,
     require_tensor,
 )
 
 __all__ = [
     "REDUCTIONS",
     "Reduction",
+    "bits_per_byte",
+    "bits_per_character",
     "check_cross_entropy_inputs",
     "cross_entropy",
     "cross_entropy_grad",
     "flatten_class_axis",
     "log_softmax",
+    "nats_to_bits",
     "nll_loss",
+    "perplexity",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -405,3 +416,124 @@ def flatten_class_axis(
     require_no_empty_dim(logits, "logits", "(B, C, T)")
     flat_logits = logits.permute(0, 2, 1).reshape(-1, num_classes)
     return flat_logits, targets.reshape(-1).long()
+
+
+# ---------------------------------------------------------------------------
+# Units: nats, bits, perplexity, bits per character and per byte
+# ---------------------------------------------------------------------------
+
+
+def _nats(value: Any, name: str) -> float:
+    """``value`` (a real number or a 0-D float tensor) as a float >= 0."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(
+                f"{name} must be a single number (a 0-D tensor); "
+                f"got shape {tuple(value.shape)}"
+            )
+        require_floating(value, name)
+        value = float(value)
+    else:
+        value = require_real_number(value, name)
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a negative log-likelihood in nats, >= 0 and not "
+            f"nan; got {value}"
+        )
+    return value
+
+
+def _text_length(text: Any, unit: str) -> int:
+    """Characters or UTF-8 bytes of ``text``, a non-empty ``str``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str; got {type(text).__name__}")
+    if not text:
+        raise ValueError("text must not be empty (0 characters)")
+    return len(text) if unit == "character" else len(text.encode("utf-8"))
+
+
+def nats_to_bits(nats: Any) -> float:
+    """A loss in nats (natural log) in bits (log base 2): ``nats / ln 2``.
+
+    PyTorch, TensorFlow and transformers report nats; information theory
+    and compression usually count bits.  One nat is ``1 / ln 2``, about
+    1.4427 bits.
+
+    Args:
+        nats: a non-negative real number, or a 0-D float tensor (a loss,
+            a sum of losses or an entropy).
+
+    Returns:
+        ``nats / ln 2`` as a Python float.
+    """
+    return _nats(nats, "nats") / math.log(2.0)
+
+
+def perplexity(total_nll: Any, num_targets: Any) -> float:
+    """``exp(total_nll / num_targets)``: the perplexity of a text.
+
+    ``total_nll`` is the *summed* ``-log p`` of every scored target (a
+    ``reduction="sum"`` loss, added up over all batches) and
+    ``num_targets`` their number, so the mean inside is the token mean
+    over the whole text, never a mean of batch means.  It is the geometric
+    mean of ``1 / p`` over the targets: a model that spreads its
+    probability evenly over ``k`` tokens at every step has perplexity
+    ``k``.  It counts *tokens*, so it changes with the tokenizer; see
+    :func:`bits_per_byte` for a measure that does not.
+
+    Args:
+        total_nll: summed negative log-likelihood in nats, ``>= 0`` (a real
+            number or a 0-D float tensor).
+        num_targets: the number of scored targets it sums over, ``>= 1``.
+
+    Returns:
+        The perplexity, a Python float ``>= 1``; ``inf`` when the mean
+        exceeds the largest float's log, about 709.78 nats.
+    """
+    total = _nats(total_nll, "total_nll")
+    count = require_positive_int(num_targets, "num_targets")
+    try:
+        return math.exp(total / count)
+    except OverflowError:  # a mean above ~709.78 nats
+        return math.inf
+
+
+def bits_per_character(total_nll: Any, text: Any) -> float:
+    """Bits per character: ``total_nll / (len(text) * ln 2)``.
+
+    ``total_nll`` must be the summed ``-log p`` (nats) a model assigns to
+    the whole of ``text``, every token of it scored.  Two models with
+    different tokenizers split ``text`` into different numbers of tokens,
+    so their perplexities are not comparable; their bits per character are.
+
+    Args:
+        total_nll: summed negative log-likelihood of ``text`` in nats,
+            ``>= 0`` (a real number or a 0-D float tensor).
+        text: the non-empty ``str`` it was computed on.
+
+    Returns:
+        Bits per Unicode character (code point), a Python float.
+    """
+    total = _nats(total_nll, "total_nll")
+    return total / (_text_length(text, "character") * math.log(2.0))
+
+
+def bits_per_byte(total_nll: Any, text: Any) -> float:
+    """Bits per UTF-8 byte: ``total_nll / (len(text.encode()) * ln 2)``.
+
+    As :func:`bits_per_character`, with the UTF-8 bytes of ``text`` as the
+    unit: a character outside ASCII takes 2 to 4 bytes, so the two differ
+    unless ``text`` is ASCII.  Bytes are unambiguous where "character" is
+    not (Unicode normalisation, combining marks), which is why corpus
+    benchmarks report this one.
+
+    Args:
+        total_nll: summed negative log-likelihood of ``text`` in nats,
+            ``>= 0`` (a real number or a 0-D float tensor).
+        text: the non-empty ``str`` it was computed on.
+
+    Returns:
+        Bits per byte, a Python float.
+    """
+    total = _nats(total_nll, "total_nll")
+    return total / (_text_length(text, "byte") * math.log(2.0))

@@ -317,3 +317,70 @@ def test_other_functions_reject_bad_input():
         ce.log_softmax(torch.zeros(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"targets must have shape \(B, T\)"):
         ce.flatten_class_axis(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------
+# Units: nats, bits, perplexity, bits per character and per byte
+# ---------------------------------------------------------------------------
+
+
+@given(cross_entropy_cases(with_weight=False, max_scale=30.0))
+def test_perplexity_of_a_summed_loss_matches_the_float64_reference(case):
+    logits, targets, _, ignore_index, dtype_name = case
+    kept = int((targets != ignore_index).sum())
+    if kept == 0:
+        return
+    x, y, _ = as_torch(logits, targets)
+    total = F.cross_entropy(x, y, ignore_index=ignore_index, reduction="sum")
+    mean = reference.cross_entropy(logits, targets, ignore_index=ignore_index)
+    expected = math.exp(mean)
+    ours = ce.perplexity(total, kept)
+    assert isinstance(ours, float)
+    # exp turns an absolute error of the mean into a relative one
+    assert abs(ours - expected) <= expected * (math.expm1(tolerance(logits, dtype_name)) + 1e-15)
+    assert ours >= 1.0 - 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 1000, 50257])
+def test_uniform_over_k_choices_has_perplexity_k_and_log2_k_bits(k):
+    loss = F.cross_entropy(torch.zeros(3, k, dtype=torch.float64), torch.tensor([0, k - 1, k // 2]),
+                           reduction="sum")
+    assert abs(ce.perplexity(loss, 3) - k) < 1e-9 * k
+    assert abs(ce.nats_to_bits(loss / 3) - math.log2(k)) < 1e-12
+
+
+def test_perplexity_is_the_geometric_mean_of_one_over_p():
+    probabilities = np.array([0.5, 0.25, 0.9, 0.01])
+    total = float(-np.log(probabilities).sum())
+    geometric = float(np.prod(1 / probabilities) ** (1 / len(probabilities)))
+    assert abs(ce.perplexity(total, len(probabilities)) - geometric) < 1e-12
+    assert ce.perplexity(math.inf, 3) == math.inf and ce.perplexity(0.0, 5) == 1.0
+    # exp of a mean above log(float max) ~ 709.78 overflows to inf, not an error
+    assert ce.perplexity(1e4, 2) == math.inf and ce.perplexity(709.0, 1) < math.inf
+
+
+@given(st.text(min_size=1, max_size=40), st.floats(0.0, 1e6))
+def test_bits_per_character_and_byte_divide_one_total_by_the_text(text, total):
+    per_char = ce.bits_per_character(total, text)
+    per_byte = ce.bits_per_byte(total, text)
+    assert abs(per_char * len(text) * math.log(2) - total) <= 1e-9 * max(total, 1.0)
+    assert abs(per_byte * len(text.encode("utf-8")) * math.log(2) - total) <= 1e-9 * max(total, 1.0)
+    assert per_byte <= per_char
+    if text.isascii():
+        assert per_byte == per_char
+
+
+def test_bits_per_character_does_not_depend_on_the_tokenization():
+    # the same total over two cuts of one text: two perplexities, one bpc
+    text, total = "the café and the cat", 17.0
+    by_characters, by_words = len(text), len(text.split())
+    assert ce.perplexity(total, by_characters) < ce.perplexity(total, by_words)
+    assert ce.bits_per_character(total, text) == ce.nats_to_bits(total) / by_characters
+    assert ce.bits_per_byte(total, text) == ce.nats_to_bits(total) / (by_characters + 1)
+
+
+def test_units_accept_tensors_and_numpy_numbers():
+    assert ce.nats_to_bits(torch.tensor(math.log(2.0), dtype=torch.float64)) == 1.0
+    assert abs(ce.nats_to_bits(np.float32(math.log(4.0))) - 2.0) < 1e-6
+    assert ce.perplexity(torch.tensor(0.0), np.int64(4)) == 1.0
+    assert abs(ce.bits_per_byte(torch.tensor(8 * math.log(2.0)), "ab") - 4.0) < 1e-6

@@ -71,7 +71,7 @@ def plot_naive_versus_stable(
             ax.axvspan(s[mask].min() - step / 2, s[mask].max() + step / 2,
                        color=colour, alpha=0.25, linewidth=0, label=text)
     _style(ax, "Naive log(softmax) breaks in float32; log-sum-exp does not",
-           "logit scale s  (rows s · [1, 0, −1], targets 0 and 2)",
+           "logit scale λ  (rows λ · [1, 0, −1], targets 0 and 2)",
            "mean loss of the batch (nats)")
     ax.legend(loc="upper left", fontsize=LEGEND_FONTSIZE)
     return fig
@@ -105,10 +105,10 @@ def plot_gradient_rows(grad: ArrayLike, targets: ArrayLike,
     row_names = [f"row {n} (ignored)" if t == ignore_index
                  else f"row {n}, y={t}" for n, t in enumerate(y)]
     ax.set_yticks(range(num_rows), row_names)
-    _style(ax, "(softmax − one-hot) / N_valid; boxed: target class",
+    _style(ax, "(softmax − one-hot) / |S|; boxed: target class",
            "class c", "row n of the batch")
     colorbar = fig.colorbar(image, ax=ax)
-    colorbar.set_label("gradient ∂L/∂x[n, c]", fontsize=LABEL_FONTSIZE)
+    colorbar.set_label("gradient ∂L/∂z[n, c]", fontsize=LABEL_FONTSIZE)
     colorbar.ax.tick_params(labelsize=TICK_FONTSIZE)
     return fig
 
