@@ -23,6 +23,24 @@ compared with one process computing the token mean of all rows:
   (:func:`companion.accumulation.micro_batch_loss`).  After DDP's average
   the gradient is ``sum_r grad S_r / N``, the full-batch gradient.
 
+With ``--accumulate`` it runs one optimiser step of data parallelism and
+gradient accumulation together (:func:`run_accumulation_comparison`)::
+
+    python -m companion.experiments.ddp_demo --accumulate --wrapper fsdp \\
+        --shard 3,4/3,5 --shard 41/9 --output result.json
+
+Rank ``r`` holds the micro-batches of ``--shard`` number ``r`` (``/``
+separates micro-batches, ``,`` rows).  The scored targets of every
+micro-batch of every rank are counted and all-reduced before the first
+forward pass, and each micro-batch back-propagates ``R * S_rk / N``.  With
+``--wrapper ddp`` the model is wrapped in ``DistributedDataParallel`` and
+every micro-batch but the last runs inside ``no_sync()``, so gradients
+add up locally and are all-reduced once; with ``--wrapper fsdp`` it is
+sharded with ``fully_shard`` (FSDP2: each rank stores a slice of every
+parameter) and ``set_requires_gradient_sync(False)`` plays the part of
+``no_sync``.  Either way the step's gradient is compared with the
+single-process full-batch gradient.
+
 The workers find each other through a ``FileStore`` in a private temporary
 directory, not a TCP store, and gloo is bound to the loopback interface by
 name: nothing depends on host names or a name server, so the run works, and
@@ -43,6 +61,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import json
@@ -55,6 +74,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -69,6 +89,7 @@ from torch.nn.parallel import DistributedDataParallel
 from companion import reference
 from companion._checks import (
     require_nonempty_lists,
+    require_one_of,
     require_positive_int,
     require_sequence,
 )
@@ -83,7 +104,9 @@ from companion.experiments.denominator import (
 from companion.experiments.tiny_models import TinyLMConfig, build_tiny_lm
 
 __all__ = [
+    "ACCUMULATION_WRAPPERS",
     "COLLECTIVE_TIMEOUT_MARGIN_S",
+    "DEFAULT_MICRO_BATCHES",
     "DEFAULT_SHARDS",
     "FAILURE_FILE",
     "INJECTED_FAILURE_DELAY_S",
@@ -97,6 +120,8 @@ __all__ = [
     "WorkersTimedOutError",
     "loopback_interface",
     "main",
+    "run_accumulation_comparison",
+    "run_accumulation_rank",
     "run_ddp_comparison",
     "run_rank",
 ]
@@ -110,6 +135,19 @@ VARIANTS: tuple[str, ...] = (
 
 DEFAULT_SHARDS: tuple[tuple[int, ...], ...] = ((3, 4, 3, 5), (41,))
 """Row lengths per rank: four short rows on rank 0, one long row on rank 1."""
+
+DEFAULT_MICRO_BATCHES: tuple[tuple[tuple[int, ...], ...], ...] = (
+    ((3, 4), (3, 5)),
+    ((41,), (9,)),
+)
+"""Row lengths per micro-batch per rank for :func:`run_accumulation_comparison`:
+rank 0 two micro-batches of two short rows, rank 1 one long row then a
+short one."""
+
+ACCUMULATION_WRAPPERS: tuple[str, ...] = ("ddp", "fsdp")
+"""How :func:`run_accumulation_comparison` wraps the model:
+``DistributedDataParallel`` with ``no_sync``, or FSDP2's ``fully_shard``
+with ``set_requires_gradient_sync``."""
 
 RESULT_FILE = "result.json"
 STORE_FILE = "store"
@@ -203,6 +241,14 @@ class DemoSettings:
     result_dir: str
     failure: FailureInjection | None
     start_method: str
+    #: ``"variants"`` (:func:`run_rank`) or ``"accumulation"``
+    #: (:func:`run_accumulation_rank`).
+    mode: str = "variants"
+    #: For ``"accumulation"``: per rank, the ``(first, stop)`` rows of each
+    #: of its micro-batches.
+    micro_batch_rows: tuple[tuple[tuple[int, int], ...], ...] = ()
+    #: For ``"accumulation"``: one of :data:`ACCUMULATION_WRAPPERS`.
+    wrapper: str = "ddp"
 
 
 def loopback_interface() -> str:
@@ -300,7 +346,7 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, settings: DemoSettings) -> None:
-    """One rank: DDP steps for every variant.
+    """One rank: DDP steps for every variant, or one accumulated step.
 
     Rank 0 also runs the full batch in one process and writes the JSON.
     A failure is recorded (:func:`_record_failure`) before the process
@@ -332,7 +378,10 @@ def _worker(rank: int, settings: DemoSettings) -> None:
                 f"expected {settings.world_size}"
             )
         _inject(settings.failure, rank)
-        run_rank(rank, settings)
+        if settings.mode == "accumulation":
+            run_accumulation_rank(rank, settings)
+        else:
+            run_rank(rank, settings)
     except BaseException:
         _record_failure(settings.result_dir, rank)
         raise
@@ -484,6 +533,129 @@ def _write_result(
     partial = target.with_suffix(".partial")
     partial.write_text(json.dumps(result, indent=2, sort_keys=True))
     partial.replace(target)
+
+
+def _write_json(result_dir: str, result: dict[str, Any]) -> None:
+    target = Path(result_dir) / RESULT_FILE
+    partial = target.with_suffix(".partial")
+    partial.write_text(json.dumps(result, indent=2, sort_keys=True))
+    partial.replace(target)
+
+
+def _max_rank_disagreement(gradient: torch.Tensor) -> float:
+    """Largest difference between this gradient and rank 0's (a collective)."""
+    gathered = [torch.zeros_like(gradient) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, gradient.contiguous())
+    return max(float((other - gathered[0]).abs().max()) for other in gathered)
+
+
+def run_accumulation_rank(rank: int, settings: DemoSettings) -> None:
+    """One rank's accumulated step, inside the process group.
+
+    The rank builds and warms up the same model as every rank, counts the
+    scored targets of its micro-batches and all-reduces the count ``N``,
+    then back-propagates each micro-batch's
+    :func:`~companion.accumulation.micro_batch_loss` (``R * S_rk / N``).
+    ``"ddp"``: every micro-batch but the last inside ``no_sync()``, and the
+    gradients of the ranks compared after the first micro-batch (they
+    differ: nothing was synchronised yet).  ``"fsdp"``: the model sharded
+    with ``fully_shard``, and gradient synchronisation off
+    (``set_requires_gradient_sync(False)``) for every micro-batch but the
+    last.  Rank 0 also runs the full batch in one process and writes the
+    comparison.
+    """
+    world_size = dist.get_world_size()
+    model = build_tiny_lm(settings.config, seed=settings.seed)
+    warm_up(model, steps=settings.warm_up_steps, seed=settings.seed + 1)
+    single_process_model = copy.deepcopy(model)
+    input_ids = torch.tensor(settings.input_ids, dtype=torch.long)
+    labels = torch.tensor(settings.labels, dtype=torch.long)
+    pieces = settings.micro_batch_rows[rank]
+    counts = [count_scored_targets(labels[a:b]) for a, b in pieces]
+    global_count = int(_all_reduce_sum(torch.tensor(sum(counts))))
+    all_counts = [torch.zeros(len(pieces), dtype=torch.long) for _ in range(world_size)]
+    dist.all_gather(all_counts, torch.tensor(counts))
+
+    unsynced_gap = None
+    if settings.wrapper == "ddp":
+        wrapped: torch.nn.Module = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        # The module returns the LM head's output, a view; the loss applies
+        # no in-place operation to it, which is what FSDP2 warns about.
+        warnings.filterwarnings(
+            "ignore", message="FSDP2-wrapped module .* returned a view tensor"
+        )
+        wrapped = fully_shard(model)
+    local_parameters = sum(
+        int(p.to_local().numel()) if hasattr(p, "to_local") else int(p.numel())
+        for p in model.parameters()
+    )
+    step_loss = torch.zeros((), dtype=torch.float64)
+    for index, (first, stop) in enumerate(pieces):
+        last = index == len(pieces) - 1
+        if settings.wrapper == "ddp":
+            context = contextlib.nullcontext() if last else wrapped.no_sync()
+        else:
+            wrapped.set_requires_gradient_sync(last)
+            context = contextlib.nullcontext()
+        with context:
+            loss = micro_batch_loss(
+                wrapped(input_ids[first:stop]),
+                labels[first:stop],
+                num_items_in_batch=global_count,
+                world_size=world_size,
+            )
+            loss.backward()
+        step_loss += loss.detach()
+        if settings.wrapper == "ddp" and index == 0 and not last:
+            unsynced_gap = _max_rank_disagreement(flat_gradient(model))
+    if settings.wrapper == "ddp":
+        gradient = flat_gradient(model)
+    else:
+        gradient = torch.cat(
+            [p.grad.full_tensor().reshape(-1) for p in model.parameters()]
+        )
+    synced_gap = _max_rank_disagreement(gradient)
+    loss_value = float(_all_reduce_sum(step_loss)) / world_size
+    local_counts = [
+        int(x) for x in _all_reduce_sum(
+            torch.zeros(world_size, dtype=torch.long).index_fill(
+                0, torch.tensor([rank]), local_parameters
+            )
+        )
+    ]
+    if rank != 0:
+        return
+    single_process_model.zero_grad(set_to_none=True)
+    full_loss = label_padding_loss(single_process_model(input_ids), labels)
+    full_loss.backward()
+    full_gradient = flat_gradient(single_process_model)
+    full_value = full_loss.item()
+    _write_json(
+        settings.result_dir,
+        {
+            "mode": "accumulation",
+            "wrapper": settings.wrapper,
+            "world_size": world_size,
+            "seed": settings.seed,
+            "dtype": str(full_gradient.dtype).removeprefix("torch."),
+            "num_parameters": int(full_gradient.numel()),
+            "parameters_per_rank": local_counts,
+            "micro_batch_token_counts": [c.tolist() for c in all_counts],
+            "global_token_count": global_count,
+            "full_batch": {
+                "loss": full_value,
+                "gradient_norm": float(torch.linalg.vector_norm(full_gradient)),
+            },
+            "step_loss": loss_value,
+            "relative_loss_error": abs(loss_value - full_value) / abs(full_value),
+            "relative_gradient_error": relative_difference(gradient, full_gradient),
+            "max_rank_disagreement": synced_gap,
+            "unsynced_rank_disagreement": unsynced_gap,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -644,27 +816,13 @@ def run_ddp_comparison(
             f"start_method must be 'fork' or 'spawn'; got {start_method!r}"
         )
     require_positive_int(warm_up_steps, "warm_up_steps")
-    if (
-        not isinstance(timeout_s, (int, float))
-        or not math.isfinite(timeout_s)
-        or timeout_s <= 0
-    ):
-        raise ValueError(
-            "timeout_s must be a positive number of seconds; "
-            f"got {timeout_s!r}"
-        )
+    _check_timeout(timeout_s)
     if failure is not None and not 0 <= failure.rank < world_size:
         raise ValueError(
             f"failure.rank must lie in [0, {world_size}); got {failure.rank}"
         )
-    lengths = [length for shard in shards for length in shard]
-    if max(lengths) > config.max_length:
-        raise ValueError(
-            f"the longest row has {max(lengths)} tokens; "
-            f"config.max_length is {config.max_length}"
-        )
-    input_ids, labels = make_counting_batch(
-        lengths, vocab_size=config.vocab_size, seed=seed
+    input_ids, labels = _counting_batch(
+        [length for shard in shards for length in shard], config, seed
     )
     shard_rows, first = [], 0
     for shard in shards:
@@ -690,13 +848,154 @@ def run_ddp_comparison(
             failure=failure,
             start_method=start_method,
         )
-        _launch_and_wait(settings, timeout_s)
-        result_path = Path(result_dir) / RESULT_FILE
-        if not result_path.exists():
-            raise WorkerFailedError(
-                "rank 0 exited without writing its result", 0, []
-            )
-        return json.loads(result_path.read_text())
+        return _launch_and_read(settings, timeout_s)
+
+
+def _check_micro_batches(
+    micro_batches: Sequence[Sequence[Sequence[int]]], world_size: int
+) -> list[list[list[int]]]:
+    require_positive_int(world_size, "world_size")
+    require_sequence(
+        micro_batches,
+        "micro_batches",
+        "a sequence with one list of micro-batches (lists of row lengths) per rank",
+    )
+    if len(micro_batches) != world_size:
+        raise ValueError(
+            f"world_size={world_size} but micro_batches describes "
+            f"{len(micro_batches)} rank(s): give one list of micro-batches "
+            "per rank"
+        )
+    require_nonempty_lists(micro_batches, "micro_batches", "micro-batches")
+    checked = []
+    for rank, pieces in enumerate(micro_batches):
+        require_nonempty_lists(pieces, f"micro_batches[{rank}]", "row lengths")
+        rank_pieces = []
+        for index, lengths in enumerate(pieces):
+            for row, length in enumerate(lengths):
+                require_positive_int(
+                    length, f"micro_batches[{rank}][{index}][{row}]"
+                )
+            rank_pieces.append([int(length) for length in lengths])
+        checked.append(rank_pieces)
+    if all(length == 1 for p in checked for lengths in p for length in lengths):
+        raise ValueError(
+            "the whole step has no scored token (every row has length 1): "
+            "the token mean is 0/0"
+        )
+    return checked
+
+
+def _counting_batch(
+    lengths: list[int], config: TinyLMConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counting rows of ``lengths`` for the demo; each fits the model."""
+    if max(lengths) > config.max_length:
+        raise ValueError(
+            f"the longest row has {max(lengths)} tokens; "
+            f"config.max_length is {config.max_length}"
+        )
+    return make_counting_batch(lengths, vocab_size=config.vocab_size, seed=seed)
+
+
+def _check_timeout(timeout_s: float) -> None:
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise ValueError(
+            "timeout_s must be a positive number of seconds; "
+            f"got {timeout_s!r}"
+        )
+
+
+def run_accumulation_comparison(
+    micro_batches: Sequence[Sequence[Sequence[int]]] = DEFAULT_MICRO_BATCHES,
+    *,
+    wrapper: Literal["ddp", "fsdp"] = "ddp",
+    world_size: int = 2,
+    config: TinyLMConfig | None = None,
+    seed: int = 0,
+    warm_up_steps: int = 40,
+    timeout_s: float = 60.0,
+    start_method: Literal["fork", "spawn"] | None = None,
+) -> dict[str, Any]:
+    """Launch ``world_size`` gloo workers for one accumulated step.
+
+    Args:
+        micro_batches: per rank, its micro-batches, each a list of row
+            lengths (tokens per row, ``>= 1``); every row of the step is
+            padded to the longest.
+        wrapper: ``"ddp"`` (``DistributedDataParallel`` and ``no_sync``)
+            or ``"fsdp"`` (``fully_shard`` and
+            ``set_requires_gradient_sync``).
+        world_size: number of processes; ``len(micro_batches)``.
+        config, seed, warm_up_steps, timeout_s, start_method: as in
+            :func:`run_ddp_comparison`.
+
+    Returns:
+        The JSON-ready dict rank 0 wrote: the scored targets of every
+        micro-batch, the global count, the single-process full-batch loss,
+        the step's loss and its relative loss and gradient errors against
+        the full batch, the largest difference between the ranks'
+        gradients after the step (``max_rank_disagreement``) and, for
+        ``"ddp"``, after the first micro-batch inside ``no_sync``
+        (``unsynced_rank_disagreement``), and the parameters each rank
+        stores (``parameters_per_rank``).
+
+    Raises:
+        ValueError: a bad argument (checked before any process starts).
+        WorkerFailedError, WorkersTimedOutError: as in
+            :func:`run_ddp_comparison`.
+    """
+    pieces = _check_micro_batches(micro_batches, world_size)
+    require_one_of(wrapper, ACCUMULATION_WRAPPERS, "wrapper")
+    config = config or TinyLMConfig()
+    if start_method is None:
+        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    require_one_of(start_method, ("fork", "spawn"), "start_method")
+    require_positive_int(warm_up_steps, "warm_up_steps")
+    _check_timeout(timeout_s)
+    input_ids, labels = _counting_batch(
+        [n for rank in pieces for lengths in rank for n in lengths], config, seed
+    )
+    rows, first = [], 0
+    for rank in pieces:
+        rank_rows = []
+        for piece in rank:
+            rank_rows.append((first, first + len(piece)))
+            first += len(piece)
+        rows.append(tuple(rank_rows))
+    with tempfile.TemporaryDirectory(prefix="ddp-demo-") as result_dir:
+        settings = DemoSettings(
+            world_size=world_size,
+            loopback_interface=loopback_interface(),
+            shard_rows=tuple((r[0][0], r[-1][1]) for r in rows),
+            input_ids=tuple(tuple(row) for row in input_ids.tolist()),
+            labels=tuple(tuple(row) for row in labels.tolist()),
+            config=config,
+            seed=seed,
+            warm_up_steps=warm_up_steps,
+            collective_timeout_s=float(timeout_s) + COLLECTIVE_TIMEOUT_MARGIN_S,
+            result_dir=result_dir,
+            failure=None,
+            start_method=start_method,
+            mode="accumulation",
+            micro_batch_rows=tuple(rows),
+            wrapper=wrapper,
+        )
+        return _launch_and_read(settings, timeout_s)
+
+
+def _launch_and_read(settings: DemoSettings, timeout_s: float) -> dict[str, Any]:
+    """Run the workers; return the JSON that rank 0 wrote."""
+    _launch_and_wait(settings, timeout_s)
+    result_path = Path(settings.result_dir) / RESULT_FILE
+    if not result_path.exists():
+        raise WorkerFailedError("rank 0 exited without writing its result", 0, [])
+    return json.loads(result_path.read_text())
 
 
 def _launch_and_wait(settings: DemoSettings, timeout_s: float) -> None:
@@ -782,6 +1081,16 @@ def _parse_shard(text: str) -> list[int]:
         ) from None
 
 
+def _parse_micro_batches(text: str) -> list[list[int]]:
+    try:
+        return [_parse_shard(piece) for piece in text.split("/")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "with --accumulate, --shard takes micro-batches separated by / "
+            f"and row lengths by commas, such as 3,4/3,5; got {text!r}"
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: print or write the result as JSON.
 
@@ -799,9 +1108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--shard",
-        type=_parse_shard,
         action="append",
-        help="row lengths of one rank, e.g. 3,4,3,5; repeat once per rank",
+        help=(
+            "row lengths of one rank, e.g. 3,4,3,5 (with --accumulate: "
+            "micro-batches separated by /, e.g. 3,4/3,5); repeat once per rank"
+        ),
+    )
+    parser.add_argument(
+        "--accumulate",
+        action="store_true",
+        help="one step of data parallelism with gradient accumulation",
+    )
+    parser.add_argument(
+        "--wrapper",
+        choices=ACCUMULATION_WRAPPERS,
+        default="ddp",
+        help="with --accumulate: DistributedDataParallel or FSDP2",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-up-steps", type=int, default=40)
@@ -815,18 +1137,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output", type=Path, help="write the JSON here instead of stdout"
     )
     args = parser.parse_args(argv)
-    if args.shard is not None:
-        shards = args.shard
-    else:
-        shards = [list(s) for s in DEFAULT_SHARDS]
+    parse = _parse_micro_batches if args.accumulate else _parse_shard
     try:
-        result = run_ddp_comparison(
-            shards,
-            world_size=args.world_size,
-            seed=args.seed,
-            warm_up_steps=args.warm_up_steps,
-            timeout_s=args.timeout,
-        )
+        shards = None if args.shard is None else [parse(s) for s in args.shard]
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    try:
+        if args.accumulate:
+            result = run_accumulation_comparison(
+                shards if shards is not None else DEFAULT_MICRO_BATCHES,
+                wrapper=args.wrapper,
+                world_size=args.world_size,
+                seed=args.seed,
+                warm_up_steps=args.warm_up_steps,
+                timeout_s=args.timeout,
+            )
+        else:
+            result = run_ddp_comparison(
+                shards
+                if shards is not None
+                else [list(s) for s in DEFAULT_SHARDS],
+                world_size=args.world_size,
+                seed=args.seed,
+                warm_up_steps=args.warm_up_steps,
+                timeout_s=args.timeout,
+            )
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     except (WorkerFailedError, WorkersTimedOutError) as error:
