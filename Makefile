@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots clean history
+.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history pdf
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ book: $(STAMP)
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
 unit: $(STAMP) $(HISTORY)
-	$(BIN)/python -m pytest tests --ignore=tests/site
+	$(BIN)/python -m pytest tests --ignore=tests/site --ignore=tests/pdf
 
 # The built site in headless Chromium (skipped, with the reason, when no
 # Chromium is installed; required under CI).
@@ -69,6 +69,21 @@ notebooks: $(STAMP) $(HISTORY)
 		--ExecutePreprocessor.timeout=600 \
 		--CoalesceStreamsPreprocessor.enabled=True $(NOTEBOOKS)
 
+# Chapter 6's benchmark.  Its peers (torchtune, Cut Cross-Entropy, Liger
+# Kernel and what they import) go into .bench-deps, a folder of their own,
+# never into .venv; the benchmark reads them from there.
+BENCH_DEPS := .bench-deps
+$(BENCH_DEPS)/.installed: requirements-benchmark.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet --upgrade --no-deps --target $(BENCH_DEPS) \
+		-r requirements-benchmark.txt
+	touch $@
+
+benchmark: $(BENCH_DEPS)/.installed
+	$(BIN)/python benchmarks/loss_memory.py
+
+benchmark-quick: $(BENCH_DEPS)/.installed
+	$(BIN)/python benchmarks/loss_memory.py --quick
+
 screenshots: $(STAMP)
 	$(BIN)/python tests/site/screenshots.py
 
@@ -82,6 +97,15 @@ lab: $(STAMP)
 
 lab-source: $(STAMP)
 	$(BIN)/jupyter lab book/
+
+# The whole book as one PDF, _build/book.pdf (XeLaTeX: Debian's
+# texlive-xetex, texlive-latex-extra, texlive-fonts-recommended, latexmk,
+# fonts-freefont-otf and poppler-utils; see README), then its checks.
+pdf: $(STAMP)
+	rm -rf _build/pdf
+	$(BIN)/jupyter-book build . --builder pdflatex --path-output _build/pdf
+	cp _build/pdf/_build/latex/book.pdf _build/book.pdf
+	$(BIN)/python -m pytest tests/pdf -q
 
 clean:
 	rm -rf _build .pytest_cache .hypothesis

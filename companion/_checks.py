@@ -24,7 +24,7 @@ The rules, the same in every entry point:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -318,3 +318,34 @@ def require_nonempty_lists(value: Sequence[Any], name: str, what: str) -> None:
             raise ValueError(
                 f"{name}[{index}] must be a non-empty list of {what}"
             )
+
+
+def require_mapping(value: Any, name: str, expected: str) -> Mapping[Any, Any]:
+    """Return ``value`` if it is a mapping (a ``dict``, a ``BatchEncoding``).
+
+    ``expected`` completes the ``TypeError`` message
+    ``"{name} must be {expected}; got ..."``, e.g. ``"a dict of tensors"``.
+    """
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be {expected}; got {type(value).__name__}")
+    return value
+
+
+def require_token_matrix(value: Any, name: str, shape: Sequence[int]) -> torch.Tensor:
+    """Return ``value`` if it is a ``(B, T)`` integer or boolean tensor of ``shape``.
+
+    Per-token masks and ids that sit beside ``input_ids`` (an attention mask,
+    position ids, an assistant mask) share its shape; floating and complex
+    dtypes raise ``TypeError``, another shape ``ValueError``.
+    """
+    require_tensor(value, name)
+    if value.is_floating_point() or value.is_complex():
+        raise TypeError(
+            f"{name} must hold integers or booleans; got {value.dtype}"
+        )
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have the shape of input_ids {tuple(shape)} (B, T); "
+            f"got shape {tuple(value.shape)}"
+        )
+    return value

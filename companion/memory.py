@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from companion._checks import require_positive_int
-from companion.chunked_loss import DEFAULT_CHUNK_SIZE
+from companion.chunked_loss import chunk_rows, logits_row_bytes
 
 __all__ = [
     "ESTIMATED_VARIANTS",
@@ -52,6 +53,9 @@ ESTIMATED_VARIANTS: tuple[str, ...] = (
 """
 
 
+_DTYPE_OF_SIZE = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
 def estimate_peak_bytes(
     variant: str,
     batch: int,
@@ -59,15 +63,16 @@ def estimate_peak_bytes(
     vocab: int,
     hidden_size: int,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     element_size: int = 4,
 ) -> int:
     """Bytes a formulation's forward + backward holds at its peak.
 
     The inputs are not counted.  With ``L = B*T*V`` logits elements,
-    ``C = min(chunk_size, B*T)`` and ``N = B*T``:
+    ``C = min(chunk_size, B*T)``, ``N = B*T`` and ``e`` the bytes of an
+    input element:
 
-    * eager (``shift_and_slice``, ``label_padding``): ``3 L``.  During
+    * eager (``shift_and_slice``, ``label_padding``): ``3 L e``.  During
       ``log_softmax``'s backward three ``(B, T, V)`` tensors are alive: the
       output ``log_softmax`` saved in the forward pass, the gradient
       ``nll_loss`` hands back, and the gradient being computed.  Later
@@ -78,14 +83,24 @@ def estimate_peak_bytes(
       ``(V, d)`` weight gradient, ``3 C V + V d``.  While that chunk's
       weight gradient is added to the running sum: the sum, the addend
       and the result, ``3 V d``.
-    * ``chunked_function``: one ``(C, V)`` block, plus the two gradients
-      it fills, ``(V, d)`` and ``(N, d)``.
+    * ``chunked_function``: one chunk's block, ``C`` rows of
+      :func:`companion.chunked_loss.logits_row_bytes`, and its ``(C, d)``
+      rows (gathered, their gradient and, for 4- and 8-byte inputs, scaled:
+      three; two for bfloat16), plus the two gradients it fills, ``(V, d)``
+      and ``(N, d)``.  For a 2-byte input
+      (bfloat16) the weight gradient is summed in float32, ``4 V d``
+      bytes, and the peak is the larger of the loop (block, float32 sum,
+      ``(N, d)`` gradient) and its end, when the float32 sum is rounded
+      into the ``(V, d)`` gradient of the input's dtype.
 
     Args:
         variant: one of :data:`ESTIMATED_VARIANTS`.
         batch, time, vocab, hidden_size: ``B``, ``T``, ``V``, ``d``, >= 1.
-        chunk_size: positions per chunk (chunked variants).
-        element_size: bytes per element (4 for float32).
+        chunk_size: rows per chunk (chunked variants); ``None`` for the
+            rows of the default budget,
+            :func:`companion.chunked_loss.chunk_rows`.
+        element_size: bytes per input element: 2 (bfloat16), 4 (float32)
+            or 8 (float64).
 
     Returns:
         The estimate in bytes (tensors of ``O(B*T)`` elements left out).
@@ -100,22 +115,36 @@ def estimate_peak_bytes(
         (time, "time"),
         (vocab, "vocab"),
         (hidden_size, "hidden_size"),
-        (chunk_size, "chunk_size"),
         (element_size, "element_size"),
     ):
         require_positive_int(value, name)
+    if element_size not in _DTYPE_OF_SIZE:
+        raise ValueError(
+            f"element_size must be one of {sorted(_DTYPE_OF_SIZE)}; "
+            f"got {element_size}"
+        )
+    dtype = _DTYPE_OF_SIZE[element_size]
+    if chunk_size is None:
+        chunk_size = chunk_rows(vocab, hidden_size, dtype)
+    require_positive_int(chunk_size, "chunk_size")
     positions = batch * time
     chunk = min(chunk_size, positions)
     weight_grad = vocab * hidden_size
     hidden_grad = positions * hidden_size
     if variant in ("shift_and_slice", "label_padding"):
-        elements = 3 * positions * vocab
-    elif variant == "checkpointed_chunks":
+        return 3 * positions * vocab * element_size
+    if variant == "checkpointed_chunks":
         first = 3 * chunk * vocab + weight_grad
-        elements = max(first, 3 * weight_grad) + hidden_grad
-    else:
-        elements = chunk * vocab + weight_grad + hidden_grad
-    return elements * element_size
+        return (max(first, 3 * weight_grad) + hidden_grad) * element_size
+    grads = (weight_grad + hidden_grad) * element_size
+    # The block, and the chunk's (C, d) rows: gathered hidden rows, their
+    # gradient rows and (float32, float64) the rows scaled by 1 / D.
+    block = chunk * logits_row_bytes(vocab, dtype)
+    block += (3 if element_size >= 4 else 2) * chunk * hidden_size * element_size
+    if element_size >= 4:
+        return block + grads
+    weight_sum = 4 * weight_grad
+    return max(block + weight_sum + hidden_grad * element_size, weight_sum + grads)
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -132,6 +161,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         live_bytes: bytes of counted storage alive now.
         peak_bytes: the most ``live_bytes`` has been.
         timeline: ``live_bytes`` right after each operator call, in order.
+        times: seconds from entering the block to the end of each operator
+            call, one per ``timeline`` entry (wall time, so it includes the
+            tracker's own small cost per call).
 
     Example::
 
@@ -145,8 +177,18 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.timeline: list[int] = []
+        self.times: list[float] = []
+        self._start = time.perf_counter()
         self._counted: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._release_hooks: set[weakref.ref] = set()
+
+    def __enter__(self) -> TensorMemoryTracker:
+        self._start = time.perf_counter()
+        return super().__enter__()
+
+    def elapsed(self) -> float:
+        """Seconds since the block was entered (the clock of ``times``)."""
+        return time.perf_counter() - self._start
 
     def _count(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -181,6 +223,7 @@ class TensorMemoryTracker(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                 self._count(leaf)
         self.timeline.append(self.live_bytes)
+        self.times.append(time.perf_counter() - self._start)
         return result
 
 

@@ -342,9 +342,21 @@ for fname, fn in CHUNKED.items():
     if fname in ("checkpointed_chunked_loss", "chunked_causal_lm_loss"):
         for bad, (value, error) in {"0": (0, ValueError), "negative": (-2, ValueError),
                                     "float": (2.0, TypeError), "bool": (True, TypeError),
-                                    "None": (None, TypeError), "str": ("4", TypeError)}.items():
+                                    "str": ("4", TypeError)}.items():
             add(f"{fname}-chunk_size-{bad}", fn, hidden(), weight(), labels(), chunk_size=value,
                 error=error, name="chunk_size")
+        for bad, (value, error) in {"0": (0, ValueError), "negative": (-8, ValueError),
+                                    "float": (4096.0, TypeError), "bool": (True, TypeError),
+                                    "str": ("4096", TypeError),
+                                    "under-one-row": (4 * V - 1, ValueError)}.items():
+            add(f"{fname}-chunk_bytes-{bad}", fn, hidden(), weight(), labels(), chunk_bytes=value,
+                error=error, name="chunk_bytes")
+        add(f"{fname}-chunk_size-and-chunk_bytes", fn, hidden(), weight(), labels(), chunk_size=2,
+            chunk_bytes=4096, error=ValueError, name="chunk_size")
+    if fname in ("chunked_causal_lm_loss", "check_hidden_weight_labels"):
+        for bad, value in {"int": 1, "str": "yes", "tensor": torch.tensor(True)}.items():
+            add(f"{fname}-validate-{bad}", fn, hidden(), weight(), labels(), validate=value,
+                error=TypeError, name="validate")
 
 for bad, (args, kwargs, error, name) in {
     "variant-unknown": (("fused", B, T, V, D), {}, ValueError, "variant"),
@@ -353,8 +365,59 @@ for bad, (args, kwargs, error, name) in {
     "hidden_size-None": (("chunked_function", B, T, V, None), {}, TypeError, "hidden_size"),
     "chunk_size-0": (("chunked_function", B, T, V, D), {"chunk_size": 0}, ValueError, "chunk_size"),
     "element_size-str": (("label_padding", B, T, V, D), {"element_size": "4"}, TypeError, "element_size"),
+    "element_size-3": (("label_padding", B, T, V, D), {"element_size": 3}, ValueError, "element_size"),
 }.items():
     add(f"memory.estimate_peak_bytes-{bad}", memory.estimate_peak_bytes, *args, **kwargs, error=error, name=name)
+
+for bad, (args, kwargs, error, name) in {
+    "vocab-0": ((0,), {}, ValueError, "vocab"),
+    "vocab-float": ((7.0,), {}, TypeError, "vocab"),
+    "dtype-int": ((7, torch.int64), {}, TypeError, "dtype"),
+    "dtype-str": ((7, "float32"), {}, TypeError, "dtype"),
+}.items():
+    add(f"chunked_loss.logits_row_bytes-{bad}", chl.logits_row_bytes, *args, **kwargs,
+        error=error, name=name)
+for bad, (args, kwargs, error, name) in {
+    "vocab-0": ((0, D), {}, ValueError, "vocab"),
+    "hidden_size-0": ((V, 0), {}, ValueError, "hidden_size"),
+    "hidden_size-None": ((V, None), {}, TypeError, "hidden_size"),
+    "dtype-int": ((V, D, torch.int32), {}, TypeError, "dtype"),
+    "chunk_bytes-0": ((V, D), {"chunk_bytes": 0}, ValueError, "chunk_bytes"),
+    "chunk_bytes-float": ((V, D), {"chunk_bytes": 64.0}, TypeError, "chunk_bytes"),
+    "chunk_bytes-under-one-row": ((V, D), {"chunk_bytes": 4 * V - 1}, ValueError, "chunk_bytes"),
+}.items():
+    add(f"chunked_loss.chunk_rows-{bad}", chl.chunk_rows, *args, **kwargs, error=error, name=name)
+
+
+def _pass_args(**change):
+    flat = hidden().reshape(-1, D)
+    args = {"hidden_flat": flat, "weight": weight(), "targets": torch.zeros(flat.shape[0], dtype=torch.long),
+            "rows": None, "chunk_size": 2, "inv_denominator": torch.tensor(0.5)}
+    args.update(change)
+    return args
+
+
+def _chunk_pass(**change):
+    args = _pass_args(**change)
+    grad_hidden, weight_sum = args.pop("grad_hidden", None), args.pop("weight_sum", None)
+    return chl.chunk_pass(**args, want_loss=True, grad_hidden=grad_hidden, weight_sum=weight_sum)
+
+
+for bad, (change, error, name) in {
+    "hidden_flat-rank3": ({"hidden_flat": hidden()}, ValueError, "hidden_flat"),
+    "hidden_flat-numpy": ({"hidden_flat": hidden().reshape(-1, D).numpy()}, TypeError, "hidden_flat"),
+    "weight-d-mismatch": ({"weight": weight(d=D + 1)}, ValueError, "weight"),
+    "targets-int32": ({"targets": torch.zeros(B * T, dtype=torch.int32)}, TypeError, "targets"),
+    "targets-too-few": ({"targets": torch.zeros(3, dtype=torch.long)}, ValueError, "targets"),
+    "rows-mismatch": ({"rows": torch.zeros(2, dtype=torch.long)}, ValueError, "rows"),
+    "chunk_size-0": ({"chunk_size": 0}, ValueError, "chunk_size"),
+    "inv_denominator-None": ({"inv_denominator": None}, ValueError, "inv_denominator"),
+    "inv_denominator-1d": ({"inv_denominator": torch.ones(2)}, ValueError, "inv_denominator"),
+    "grad_hidden-shape": ({"grad_hidden": torch.zeros(1, D)}, ValueError, "grad_hidden"),
+    "weight_sum-dtype": ({"weight_sum": weight().double()}, ValueError, "weight_sum"),
+}.items():
+    add(f"chunked_loss.chunk_pass-{bad}", lambda change=change: _chunk_pass(**change),
+        error=error, name=name)
 
 for bad, (make, error) in BAD_LABELS.items():
     if bad in ("labels-batch-mismatch", "labels-time-mismatch"):
@@ -471,6 +534,32 @@ for bad, (x, y, error, name) in {
     "targets-shape": (rows().T[None], targets(), ValueError, "targets"),
 }.items():
     add(f"cross_entropy.flatten_class_axis-{bad}", ce.flatten_class_axis, x, y, error=error, name=name)
+
+BAD_NATS = {
+    "str": ("1.0", TypeError),
+    "None": (None, TypeError),
+    "bool": (True, TypeError),
+    "list": ([1.0], TypeError),
+    "negative": (-0.5, ValueError),
+    "nan": (math.nan, ValueError),
+    "tensor-rank1": (torch.ones(2), ValueError),
+    "tensor-int": (torch.tensor(3), TypeError),
+}
+"""Bad summed losses (nats) for the unit conversions of ``cross_entropy``."""
+
+for bad, (value, error) in BAD_NATS.items():
+    add(f"cross_entropy.nats_to_bits-nats-{bad}", ce.nats_to_bits, value, error=error, name="nats")
+    add(f"cross_entropy.perplexity-total_nll-{bad}", ce.perplexity, value, 3, error=error, name="total_nll")
+    for fname, fn in {"bits_per_character": ce.bits_per_character, "bits_per_byte": ce.bits_per_byte}.items():
+        add(f"cross_entropy.{fname}-total_nll-{bad}", fn, value, "text", error=error, name="total_nll")
+for bad, (value, error) in {"0": (0, ValueError), "negative": (-2, ValueError), "float": (2.0, TypeError),
+                            "bool": (True, TypeError), "None": (None, TypeError),
+                            "tensor": (torch.tensor(2), TypeError)}.items():
+    add(f"cross_entropy.perplexity-num_targets-{bad}", ce.perplexity, 1.0, value, error=error, name="num_targets")
+for fname, fn in {"bits_per_character": ce.bits_per_character, "bits_per_byte": ce.bits_per_byte}.items():
+    for bad, (value, error) in {"empty": ("", ValueError), "bytes": (b"text", TypeError),
+                                "None": (None, TypeError), "list": (["text"], TypeError)}.items():
+        add(f"cross_entropy.{fname}-text-{bad}", fn, 1.0, value, error=error, name="text")
 
 REF = reference.label_smoothed_cross_entropy
 for bad, (args, kwargs, error, name) in {
@@ -699,6 +788,231 @@ for bad, (kwargs, error, name) in {
     "seed-None": ({"seed": None}, TypeError, "seed"),
 }.items():
     add(f"experiments.denominator.warm_up-{bad}", lambda kw=kwargs: den.warm_up(tiny_model(), **kw), error=error, name=name)
+
+
+# ---------------------------------------------------------------------------
+# batch_check, testing and the command line: batches, models, files
+# ---------------------------------------------------------------------------
+
+from companion import batch_check as bchk  # noqa: E402
+from companion import testing as ctest  # noqa: E402
+from companion.__main__ import main as cli_main  # noqa: E402
+from companion.experiments import batch_check as bchk_exp  # noqa: E402
+
+
+def check_batch_input(**changes: Any) -> dict[str, Any]:
+    """The counting batch as a collator returns it, with ``changes`` applied."""
+    ids, lab = batch()
+    out = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": lab}
+    out.update(changes)
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def load_written(write: Callable[[Path], None], name: str = "batch.pt") -> Any:
+    """``load_batch`` on a file that ``write`` fills, in a fresh folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        write(path)
+        return bchk.load_batch(path)
+
+
+BAD_CHECK_BATCH = {
+    "batch-list": ([1, 2], {}, TypeError, "batch"),
+    "batch-None": (None, {}, TypeError, "batch"),
+    "batch-tensor": (torch.ones(2, 3, dtype=torch.long), {}, TypeError, "batch"),
+    "batch-no-input_ids": ({"labels": labels()}, {}, ValueError, "batch"),
+    "batch-no-labels": ({"input_ids": labels()}, {}, ValueError, "batch"),
+    "input_ids-float": (check_batch_input(input_ids=batch()[0].float()), {}, TypeError, "input_ids"),
+    "input_ids-bool": (check_batch_input(input_ids=batch()[0] > 0), {}, TypeError, "input_ids"),
+    "input_ids-numpy": (check_batch_input(input_ids=batch()[0].numpy()), {}, TypeError, "input_ids"),
+    "input_ids-list": (check_batch_input(input_ids=batch()[0].tolist()), {}, TypeError, "input_ids"),
+    "input_ids-rank1": (check_batch_input(input_ids=batch()[0][0]), {}, ValueError, "input_ids"),
+    "input_ids-rank3": (check_batch_input(input_ids=batch()[0][None]), {}, ValueError, "input_ids"),
+    "input_ids-empty-batch": (check_batch_input(input_ids=batch()[0][:0]), {}, ValueError, "input_ids"),
+    "input_ids-T0": (check_batch_input(input_ids=batch()[0][:, :0]), {}, ValueError, "input_ids"),
+    "labels-None": (check_batch_input(labels=None) | {"labels": None}, {}, TypeError, "labels"),
+    "labels-numpy": (check_batch_input(labels=batch()[1].numpy()), {}, TypeError, "labels"),
+    "labels-list": (check_batch_input(labels=batch()[1].tolist()), {}, TypeError, "labels"),
+    "attention_mask-float": (check_batch_input(attention_mask=torch.ones(2, 6)), {}, TypeError, "attention_mask"),
+    "attention_mask-complex": (check_batch_input(attention_mask=torch.ones(2, 6, dtype=torch.complex64)), {},
+                               TypeError, "attention_mask"),
+    "attention_mask-shape": (check_batch_input(attention_mask=torch.ones(2, 5, dtype=torch.long)), {},
+                             ValueError, "attention_mask"),
+    "attention_mask-list": (check_batch_input(attention_mask=[[1] * 6] * 2), {}, TypeError, "attention_mask"),
+    "position_ids-shape": (check_batch_input(position_ids=torch.zeros(1, 6, dtype=torch.long)), {},
+                           ValueError, "position_ids"),
+    "position_ids-float": (check_batch_input(position_ids=torch.zeros(2, 6)), {}, TypeError, "position_ids"),
+    "assistant_masks-key-shape": (check_batch_input(assistant_masks=torch.ones(2, 7, dtype=torch.long)), {},
+                                  ValueError, "assistant_mask"),
+    "assistant_mask-float": (check_batch_input(), {"assistant_mask": torch.ones(2, 6)}, TypeError,
+                             "assistant_mask"),
+    "assistant_mask-numpy": (check_batch_input(), {"assistant_mask": np.ones((2, 6), int)}, TypeError,
+                             "assistant_mask"),
+    "pixel_values-list": (check_batch_input(pixel_values=[[0.0]]), {}, TypeError, "pixel_values"),
+    "tokenizer-int": (check_batch_input(), {"tokenizer": 3}, TypeError, "tokenizer"),
+    "tokenizer-str": (check_batch_input(), {"tokenizer": "gpt2"}, TypeError, "tokenizer"),
+    "vocab_size-0": (check_batch_input(), {"vocab_size": 0}, ValueError, "vocab_size"),
+    "vocab_size-float": (check_batch_input(), {"vocab_size": 11.0}, TypeError, "vocab_size"),
+    "vocab_size-bool": (check_batch_input(), {"vocab_size": True}, TypeError, "vocab_size"),
+    "pad_token_id-float": (check_batch_input(), {"pad_token_id": 0.0}, TypeError, "pad_token_id"),
+    "pad_token_id-str": (check_batch_input(), {"pad_token_id": "0"}, TypeError, "pad_token_id"),
+    "eos_token_id-float": (check_batch_input(), {"eos_token_id": 2.0}, TypeError, "eos_token_id"),
+    "eos_token_id-tensor": (check_batch_input(), {"eos_token_id": torch.tensor(2)}, TypeError, "eos_token_id"),
+    "placeholder_token_ids-int": (check_batch_input(), {"placeholder_token_ids": 63}, TypeError,
+                                  "placeholder_token_ids"),
+    "placeholder_token_ids-str": (check_batch_input(), {"placeholder_token_ids": "63"}, TypeError,
+                                  "placeholder_token_ids"),
+    "placeholder_token_ids-item-float": (check_batch_input(), {"placeholder_token_ids": [63.0]}, TypeError,
+                                         "placeholder_token_ids[0]"),
+    "micro_batch_size-0": (check_batch_input(), {"micro_batch_size": 0}, ValueError, "micro_batch_size"),
+    "micro_batch_size-float": (check_batch_input(), {"micro_batch_size": 1.0}, TypeError, "micro_batch_size"),
+    "imbalance_tolerance-str": (check_batch_input(), {"imbalance_tolerance": "0.1"}, TypeError,
+                                "imbalance_tolerance"),
+    "imbalance_tolerance-negative": (check_batch_input(), {"imbalance_tolerance": -0.1}, ValueError,
+                                     "imbalance_tolerance"),
+    "imbalance_tolerance-nan": (check_batch_input(), {"imbalance_tolerance": math.nan}, ValueError,
+                                "imbalance_tolerance"),
+    "max_positions-0": (check_batch_input(), {"max_positions": 0}, ValueError, "max_positions"),
+    "max_positions-float": (check_batch_input(), {"max_positions": 8.0}, TypeError, "max_positions"),
+    **{f"{bad}": (check_batch_input(), {"ignore_index": value}, TypeError, "ignore_index")
+       for bad, value in BAD_IGNORE_INDEX.items()},
+}
+"""Bad arguments of ``check_batch``: ``(batch, options, error, name)``."""
+
+for bad, (value, options, error, name) in BAD_CHECK_BATCH.items():
+    add(f"batch_check.check_batch-{bad}", bchk.check_batch, value, **options, error=error, name=name)
+    if bad.startswith(("batch-", "input_ids-", "tokenizer-", "vocab_size-")):
+        add(f"testing.assert_batch_ok-{bad}", ctest.assert_batch_ok, value, **options, error=error, name=name)
+
+for bad, (value, options, error, name) in {
+    "model-None": (None, {}, TypeError, "model"),
+    "model-function": (lambda ids: ids, {}, TypeError, "model"),
+    "batch-list": ("model", {"batch": [1]}, TypeError, "batch"),
+    "batch-no-labels": ("model", {"batch": {"input_ids": batch()[0]}}, ValueError, "batch"),
+    "input_ids-float": ("model", {"batch": check_batch_input(input_ids=batch()[0].double())}, TypeError,
+                        "input_ids"),
+    "labels-float": ("model", {"batch": check_batch_input(labels=batch()[1].float())}, TypeError, "labels"),
+    "labels-rank1": ("model", {"batch": check_batch_input(labels=batch()[1][0])}, ValueError, "labels"),
+    "labels-shape": ("model", {"batch": check_batch_input(labels=batch()[1][:, :-1])}, ValueError, "labels"),
+    "labels-list": ("model", {"batch": check_batch_input(labels=batch()[1].tolist())}, TypeError, "labels"),
+    "labels-all-ignored": ("model", {"batch": check_batch_input(labels=torch.full((2, 6), IGNORE_INDEX))},
+                           ValueError, "labels"),
+    "micro_batch_size-0": ("model", {"micro_batch_size": 0}, ValueError, "micro_batch_size"),
+    "micro_batch_size-float": ("model", {"micro_batch_size": 1.5}, TypeError, "micro_batch_size"),
+    "extra_padding-0": ("model", {"extra_padding": 0}, ValueError, "extra_padding"),
+    "extra_padding-None": ("model", {"extra_padding": None}, TypeError, "extra_padding"),
+    "rtol-0": ("model", {"rtol": 0.0}, ValueError, "rtol"),
+    "rtol-negative": ("model", {"rtol": -1e-4}, ValueError, "rtol"),
+    "rtol-nan": ("model", {"rtol": math.nan}, ValueError, "rtol"),
+    "rtol-str": ("model", {"rtol": "1e-4"}, TypeError, "rtol"),
+    "pad_token_id-float": ("model", {"pad_token_id": 0.0}, TypeError, "pad_token_id"),
+    "ignore_index-float": ("model", {"ignore_index": -100.0}, TypeError, "ignore_index"),
+    "ignore_index-None": ("model", {"ignore_index": None}, TypeError, "ignore_index"),
+}.items():
+    options = {"batch": check_batch_input(), **options}
+    for fname, fn in {"batch_check.check_loss": bchk.check_loss,
+                      "testing.assert_loss_batch_invariant": ctest.assert_loss_batch_invariant}.items():
+        if fname.startswith("testing") and not bad.startswith(("model-", "batch-", "rtol-")):
+            continue
+        add(f"{fname}-{bad}",
+            lambda fn=fn, value=value, options=options: fn(tiny_model() if value == "model" else value, **options),
+            error=error, name=name)
+
+for fname, fn in {"testing.assert_batch_ok": lambda **kw: ctest.assert_batch_ok(check_batch_input(), **kw),
+                  "testing.assert_loss_batch_invariant": lambda **kw: ctest.assert_loss_batch_invariant(
+                      tiny_model(), check_batch_input(), **kw)}.items():
+    for bad, value in {"unknown": "fatal", "upper": "ERROR", "None": None, "int": 2}.items():
+        add(f"{fname}-fail_on-{bad}", fn, fail_on=value, error=ValueError, name="fail_on")
+
+for bad, value in {"None": None, "int": 3, "function": len}.items():
+    add(f"batch_check.accepts_loss_kwargs-model-{bad}", bchk.accepts_loss_kwargs, value,
+        error=TypeError, name="model")
+
+for bad, (args, kwargs, error, name) in {
+    "findings-int": ((3,), {}, TypeError, "findings"),
+    "findings-str": (("error",), {}, TypeError, "findings"),
+    "findings-item-dict": (([{"code": "x"}],), {}, TypeError, "findings[0]"),
+    "width-small": (([],), {"width": 10}, ValueError, "width"),
+    "width-float": (([],), {"width": 78.0}, TypeError, "width"),
+}.items():
+    add(f"batch_check.format_findings-{bad}", bchk.format_findings, *args, **kwargs, error=error, name=name)
+
+
+def _truncated(path: Path) -> None:
+    torch.save({"input_ids": labels()}, path)
+    path.write_bytes(path.read_bytes()[:80])
+
+
+for bad, (call, error, name) in {
+    "path-None": (lambda: bchk.load_batch(None), TypeError, "path"),
+    "path-int": (lambda: bchk.load_batch(3), TypeError, "path"),
+    "path-list": (lambda: bchk.load_batch(["batch.pt"]), TypeError, "path"),
+    "path-directory": (lambda: bchk.load_batch(Path(__file__).parent), ValueError, "path"),
+    "pad_token_id-float": (lambda: bchk.load_batch(__file__, pad_token_id=0.0), TypeError, "pad_token_id"),
+    "ignore_index-None": (lambda: bchk.load_batch(__file__, ignore_index=None), TypeError, "ignore_index"),
+    "file-empty": (lambda: load_written(lambda p: p.write_bytes(b"")), ValueError, "path"),
+    "file-truncated": (lambda: load_written(_truncated), ValueError, "path"),
+    "file-runs-code": (lambda: load_written(lambda p: bchk_exp.write_code_running_pickle(p, p.with_suffix(".ran"))),
+                       ValueError, "path"),
+    "file-non-tensor-value": (lambda: load_written(lambda p: torch.save({"input_ids": [1, 2]}, p)),
+                              ValueError, "path"),
+    "file-not-a-dict": (lambda: load_written(lambda p: torch.save(labels(), p)), ValueError, "path"),
+    "file-json-lines-malformed": (lambda: load_written(lambda p: p.write_text('{"input_ids": [1, 2]}\n{"input'),
+                                                       "batch.jsonl"), ValueError, "path"),
+    "file-json-lines-floats": (lambda: load_written(lambda p: p.write_text('{"input_ids": [1.5]}\n'),
+                                                    "batch.jsonl"), ValueError, "path"),
+}.items():
+    add(f"batch_check.load_batch-{bad}", call, error=error, name=name)
+
+for bad, value in {"int": 3, "str": "check batch.pt", "items-int": ["check", 3], "bytes": b"check"}.items():
+    add(f"__main__.main-argv-{bad}", cli_main, value, error=TypeError, name="argv")
+
+TOKENIZER_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "experiments.batch_check.language_model_batch": bchk_exp.language_model_batch,
+    "experiments.batch_check.flattened_batch": bchk_exp.flattened_batch,
+}
+for fname, fn in TOKENIZER_FUNCTIONS.items():
+    for bad, (value, error) in {"str": ("the cat", TypeError), "empty": ([], ValueError),
+                                "item-empty": (["a", ""], ValueError), "item-int": ([3], ValueError)}.items():
+        add(f"{fname}-texts-{bad}", lambda fn=fn, value=value: fn(bchk_exp.bpe_tokenizer(), value),
+            error=error, name="texts")
+for bad, (call, error, name) in {
+    "bpe_tokenizer-pad_is_eos-int": (lambda: bchk_exp.bpe_tokenizer(pad_is_eos=1), TypeError, "pad_is_eos"),
+    "bpe_tokenizer-padding_side-unknown": (lambda: bchk_exp.bpe_tokenizer(padding_side="up"), ValueError,
+                                           "padding_side"),
+    "flattened_batch-labels_from_input_ids-int": (
+        lambda: bchk_exp.flattened_batch(bchk_exp.bpe_tokenizer(), labels_from_input_ids=1), TypeError,
+        "labels_from_input_ids"),
+    "seq2seq_batch-pairs-str": (lambda: bchk_exp.seq2seq_batch(bchk_exp.bpe_tokenizer(), "ab"), TypeError, "pairs"),
+    "seq2seq_batch-label_pad_token_id-float": (
+        lambda: bchk_exp.seq2seq_batch(bchk_exp.bpe_tokenizer(), label_pad_token_id=-100.0), TypeError,
+        "label_pad_token_id"),
+    "chat_batch-conversations-int": (lambda: bchk_exp.chat_batch(bchk_exp.bpe_tokenizer(), 3), TypeError,
+                                     "conversations"),
+    "chat_batch-use_assistant_mask-str": (
+        lambda: bchk_exp.chat_batch(bchk_exp.bpe_tokenizer(), use_assistant_mask="yes"), TypeError,
+        "use_assistant_mask"),
+    "chat_batch-max_length-0": (lambda: bchk_exp.chat_batch(bchk_exp.bpe_tokenizer(), max_length=0), ValueError,
+                                "max_length"),
+    "findings_table-cases-int": (lambda: bchk_exp.findings_table(3), TypeError, "cases"),
+    "findings_table-cases-item": (lambda: bchk_exp.findings_table([3]), TypeError, "cases[0]"),
+    "run_cli-batch-list": (lambda: bchk_exp.run_cli([1]), TypeError, "batch"),
+    "run_cli-arguments-str": (lambda: bchk_exp.run_cli({}, "--fail-on"), TypeError, "arguments"),
+    "run_cli-file_name-path": (lambda: bchk_exp.run_cli({}, file_name="../x.pt"), ValueError, "file_name"),
+    "write_code_running_pickle-path-None": (lambda: bchk_exp.write_code_running_pickle(None, "m"), TypeError,
+                                            "path"),
+    "write_code_running_pickle-marker-int": (lambda: bchk_exp.write_code_running_pickle("p", 3), TypeError,
+                                             "marker"),
+    "benchmark_batch-batch-0": (lambda: bchk_exp.benchmark_batch(0, 64), ValueError, "batch"),
+    "benchmark_batch-time-short": (lambda: bchk_exp.benchmark_batch(2, 63), ValueError, "time"),
+    "benchmark_batch-seed-float": (lambda: bchk_exp.benchmark_batch(2, 64, seed=0.5), TypeError, "seed"),
+    "benchmark_results-start-int": (lambda: bchk_exp.benchmark_results(3), TypeError, "start"),
+    "MeanLossModel-language_model-linear": (lambda: bchk_exp.MeanLossModel(torch.nn.Linear(2, 2)), TypeError,
+                                            "language_model"),
+}.items():
+    add(f"experiments.batch_check.{bad}", call, error=error, name=name)
 
 
 # ---------------------------------------------------------------------------

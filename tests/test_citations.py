@@ -38,7 +38,8 @@ SHAPES = {
     "arxiv.org": re.compile(r"^/abs/\d{4}\.\d{4,5}$"),
     "doi.org": re.compile(r"^/10\.\d{4,9}/\S+$"),
     "github.com": re.compile(
-        r"^/[\w.-]+/[\w.-]+(/(pull|issues)/\d+|/releases/tag/v[\w.]+|/blob/v[\w.]+/[\w./-]+\.\w+)?/?$"),
+        r"^/[\w.-]+/[\w.-]+(/(pull|issues)/\d+|/releases/tag/v[\w.]+"
+        r"|/blob/(v[\w.]+|[0-9a-f]{40}|main)/[\w./-]+\.\w+)?/?$"),
 }
 
 
@@ -68,12 +69,22 @@ def test_every_address_has_the_shape_of_a_real_one(key, url):
 
 
 def _release_links() -> list[tuple[str, str, str, str]]:
+    """GitHub links into the releases' Python sources (a ``.cu`` or ``.cpp``
+    file of PyTorch is not in its wheel: those get the shape check only)."""
     links = []
     for key, url in _urls():
-        m = re.match(r"https://github\.com/([\w.-]+/[\w.-]+)/blob/v([\w.]+)/(.+)$", url)
-        if m and m.group(1) in RELEASE_REPOSITORIES:
-            links.append((key, m.group(1), m.group(2), m.group(3)))
+        m = re.match(r"https://github\.com/([\w.-]+/[\w.-]+)/blob/([\w.]+)/(.+)$", url)
+        if m and m.group(1) in RELEASE_REPOSITORIES and m.group(3).endswith(".py"):
+            links.append((key, m.group(1), m.group(2).removeprefix("v"), m.group(3)))
     return links
+
+
+def test_links_into_release_repositories_name_a_release():
+    for key, url in _urls():
+        m = re.match(r"https://github\.com/([\w.-]+/[\w.-]+)/blob/([\w.]+)/", url)
+        if m and m.group(1) in RELEASE_REPOSITORIES:
+            assert re.fullmatch(r"v\d+\.\d+\.\d+", m.group(2)), (
+                f"{key}: link into {m.group(1)} at {m.group(2)!r}, not at a release tag")
 
 
 def test_release_links_are_found():

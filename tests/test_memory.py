@@ -61,6 +61,40 @@ def test_eager_peak_is_three_logits_tensors():
     assert 3 * logits_bytes <= peak < 3.01 * logits_bytes
 
 
+@pytest.mark.parametrize("chunk_size", [32, 200])
+def test_bfloat16_estimate_matches_tracked_peak(chunk_size):
+    """bfloat16: the block of rows of both dtypes, the float32 weight sum, the gradients."""
+    torch.manual_seed(7)
+    batch, time, hidden_size, vocab = 1, 256, 64, 3000
+    hidden = torch.randn(batch, time, hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, time))
+    measured = measure_peak_tensor_bytes(
+        LOSS_VARIANTS["chunked_function"], hidden, weight, labels, chunk_size=chunk_size
+    )
+    estimate = estimate_peak_bytes(
+        "chunked_function", batch, time, vocab, hidden_size, chunk_size=chunk_size, element_size=2
+    )
+    assert measured == pytest.approx(estimate, rel=0.03)
+
+
+def test_estimate_default_chunk_is_the_default_budget():
+    from companion.chunked_loss import chunk_rows
+
+    assert estimate_peak_bytes("chunked_function", 1, 2048, 32000, 512) == estimate_peak_bytes(
+        "chunked_function", 1, 2048, 32000, 512, chunk_size=chunk_rows(32000, 512)
+    )
+
+
+def test_tracker_times_every_call():
+    with TensorMemoryTracker() as tracker:
+        first = torch.ones(100)
+        second = first * 2
+    assert len(tracker.times) == len(tracker.timeline) == 2
+    assert 0 <= tracker.times[0] <= tracker.times[1] <= tracker.elapsed()
+    del first, second
+
+
 def test_estimate_rejects_unknown_variant_and_bad_sizes():
     with pytest.raises(ValueError, match="variant must be one of"):
         estimate_peak_bytes("fused", 1, 2, 3, 4)

@@ -1,26 +1,26 @@
-"""Chapter 6's experiments: the four formulations, and the benchmark's results.
+"""Chapter 6's experiments: the formulations, their checks, and the benchmark's results.
 
-* :data:`LOSS_VARIANTS`: the formulations the chapter and
-  ``benchmarks/loss_memory.py`` compare, all called as
-  ``loss_fn(hidden, weight, labels, **options)``.  The two eager ones,
-  :func:`eager_shift_and_slice_loss` and :func:`eager_label_padding_loss`,
-  are the library's own formulations of :mod:`companion.causal_lm_loss` on
-  ``hidden @ weight.T``; the two chunked ones are
-  :mod:`companion.chunked_loss`'s;
+* :data:`LOSS_VARIANTS`: the four formulations the chapter's small
+  measurements compare, all called as ``loss_fn(hidden, weight, labels,
+  **options)``.  The two eager ones, :func:`eager_shift_and_slice_loss` and
+  :func:`eager_label_padding_loss`, are the library's own formulations of
+  :mod:`companion.causal_lm_loss` on ``hidden @ weight.T``; the two chunked
+  ones are :mod:`companion.chunked_loss`'s;
 * the chapter's small measurements with the exact tracker
   (:func:`tracked_and_estimated_peaks`, :func:`memory_timelines`,
-  :func:`kept_logits_peaks`) and the count behind the checkpointed
-  variant's peak (:func:`checkpointed_moments`);
+  :func:`kept_logits_peaks`, :func:`torchtune_style_peaks`,
+  :func:`accumulation_check`), the count behind the checkpointed variant's
+  peak (:func:`checkpointed_moments`), the operators that would wait for a
+  GPU (:func:`host_reads`) and the errors in bfloat16
+  (:func:`low_precision_errors`);
 * the check of a chunked loss against the float64 NumPy reference, eager
   autograd and transformers' ``ForCausalLMLoss``
   (:func:`agreement_with_references`);
 * readers of the benchmark's results file (:func:`results_directory`,
-  :func:`find_results_file`, :func:`find_record`, :func:`common_value`,
-  :func:`was_not_run`, :func:`not_run_text`), the tables and ratios the
-  chapter draws from it (:func:`pivot_records`, :func:`goal_ratio_rows`,
-  :func:`best_eager`, :func:`eager_peak_gap`, :func:`rss_over_live`,
-  :func:`busy_share`) and its verdicts on the design goals
-  (:func:`memory_target_report`, :func:`time_target_report`).
+  :func:`find_results_file`, :func:`find_record`, :func:`sizes_of`,
+  :func:`measured`) and what the chapter draws from it
+  (:func:`side_by_side`, :func:`goal_report`, :func:`floor_bytes`,
+  :func:`sweep_table`, :func:`tracker_disagreements`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._python_dispatch
 
 from companion import IGNORE_INDEX, reference
-from companion._checks import (
-    require_int,
-    require_positive_int,
-    require_real_number,
-    require_sequence,
-)
+from companion._checks import require_positive_int, require_sequence
 from companion.causal_lm_loss import (
     NumItems,
     label_padding_loss,
@@ -62,34 +58,39 @@ __all__ = [
     "CHUNKED_VARIANTS",
     "EAGER_VARIANTS",
     "GIB",
+    "HOST_READ_OPS",
     "LOSS_VARIANTS",
-    "MEMORY_TARGETS",
+    "MEMORY_FLOOR_FACTOR",
     "NOT_RUN_STATUSES",
+    "OURS",
     "RESULTS_FILE_NAMES",
-    "TIME_TARGET",
+    "TIME_GOAL_RATIO",
+    "TIME_GOAL_SIZE",
+    "accumulation_check",
     "agreement_with_references",
-    "best_eager",
-    "busy_share",
     "checkpointed_moments",
-    "common_value",
     "eager_label_padding_loss",
-    "eager_peak_gap",
     "eager_shift_and_slice_loss",
     "find_record",
     "find_results_file",
-    "goal_ratio_rows",
+    "floor_bytes",
+    "goal_report",
+    "host_reads",
     "kept_logits_peaks",
-    "memory_target_report",
+    "low_precision_errors",
+    "measured",
     "memory_timelines",
-    "not_run_text",
-    "pivot_records",
+    "peak_total_bytes",
+    "record_size",
     "results_directory",
-    "rss_over_live",
-    "time_target_report",
+    "side_by_side",
+    "sizes_of",
+    "sweep_table",
+    "torchtune_style_peaks",
     "tracked_and_estimated_peaks",
+    "tracker_disagreements",
     "transformers_causal_lm_loss",
     "variant_options",
-    "was_not_run",
 ]
 
 GIB = 2**30
@@ -253,8 +254,8 @@ def memory_timelines(
     labels: torch.Tensor,
     *,
     chunk_size: int,
-) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """Bytes alive after each operator of one forward and backward pass.
+) -> dict[str, dict[str, Any]]:
+    """Bytes alive, and when, through one forward and backward pass.
 
     Every formulation of :data:`LOSS_VARIANTS` runs once under a
     :class:`companion.memory.TensorMemoryTracker`; the gradients of
@@ -268,13 +269,15 @@ def memory_timelines(
         chunk_size: positions per chunk of the chunked variants, >= 1.
 
     Returns:
-        ``(timelines, backward_starts)``: per variant, the tracker's
-        ``timeline`` (bytes alive after each operator call, forward then
-        backward), and the index in it of the backward pass's first call.
+        Per variant: ``bytes`` (the tracker's ``timeline``, live bytes
+        after each operator call, forward then backward), ``seconds`` (the
+        tracker's ``times``: when each call ended, from the start of the
+        pass) and ``backward_start`` (seconds at which ``backward()`` was
+        called).
     """
     check_hidden_weight_labels(hidden, weight, labels)
     require_positive_int(chunk_size, "chunk_size")
-    timelines, backward_starts = {}, {}
+    timelines = {}
     for variant, loss_fn in LOSS_VARIANTS.items():
         hidden.grad, weight.grad = None, None
         with TensorMemoryTracker() as tracker:
@@ -282,12 +285,16 @@ def memory_timelines(
                 hidden, weight, labels,
                 **variant_options(variant, chunk_size),
             )
-            backward_starts[variant] = len(tracker.timeline)
+            backward_start = tracker.elapsed()
             loss.backward()
-        timelines[variant] = tracker.timeline
+        timelines[variant] = {
+            "bytes": tracker.timeline,
+            "seconds": tracker.times,
+            "backward_start": backward_start,
+        }
         del loss
     hidden.grad, weight.grad = None, None
-    return timelines, backward_starts
+    return timelines
 
 
 def kept_logits_peaks(
@@ -507,24 +514,260 @@ def agreement_with_references(
 
 
 # --------------------------------------------------------------------------
-# Benchmark results (benchmarks/loss_memory.py) against the design goals
+# The chunked loss's new behaviours, measured small
 # --------------------------------------------------------------------------
 
-MEMORY_TARGETS: tuple[tuple[int, int, int], ...] = (
-    (2048, 32000, 4),
-    (8192, 32000, 12),
-    (8192, 128256, 12),
-)
-"""``(T, V, k)``: goal, the chunked Function's peak <= 1/k of eager's."""
+HOST_READ_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")
+"""Operators that put a tensor's *value* on the host: on a GPU each waits
+for the device (``.item()``, ``int()``, ``bool()`` dispatch
+``_local_scalar_dense``; ``torch.nonzero`` must know its output's size)."""
 
-TIME_TARGET = 1.2
-"""Goal: the chunked Function's median time <= this multiple of eager's."""
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators of :data:`HOST_READ_OPS` that run in the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in HOST_READ_OPS:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(loss_fn: LossFunction, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Operators that read a value to the host in ``loss_fn(...).backward()``.
+
+    On a CPU nothing waits, but the same operators on a GPU each
+    synchronise the host with the device; counting them here says how many
+    synchronisations the loss costs there.  Gradients of the tensor
+    arguments are reset first.
+
+    Returns:
+        ``{operator name: calls}`` for the operators of
+        :data:`HOST_READ_OPS` that ran.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.grad = None
+    with _HostReads() as reads:
+        loss_fn(*args, **kwargs).backward()
+    return dict(sorted(reads.counts.items()))
+
+
+def _norm_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` (Frobenius), in float64."""
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm())
+
+
+def low_precision_errors(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    chunk_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """Errors of the loss and its gradients in ``dtype``, against float64.
+
+    ``hidden`` and ``weight`` are rounded to ``dtype`` once; the float64
+    reference is the eager loss on exactly those rounded values.  Three
+    rows: the chunked loss in ``dtype`` (products in ``dtype``, the rest
+    in float32), transformers' route (``ForCausalLMLoss`` on ``dtype``
+    logits, which it upcasts with ``.float()``), and the float64 gradient
+    merely rounded to ``dtype`` (the error of storing it there at all).
+
+    Args:
+        hidden: ``(B, T, d)`` float; weight: ``(V, d)`` float, same dtype;
+        labels: ``(B, T)`` int, ``-100`` = ignored.
+        dtype: a floating ``torch.dtype`` narrower than float32.
+        chunk_size: rows per chunk of the chunked loss (``None``: its
+            default budget).
+
+    Returns:
+        One dict per row: ``route``, ``loss`` (relative error of the loss),
+        ``hidden`` and ``weight`` (norm-wise relative errors of the two
+        gradients, ``||got - want|| / ||want||``), and ``hidden_max`` and
+        ``weight_max`` (the largest element error over the largest
+        element).
+    """
+    check_hidden_weight_labels(hidden, weight, labels)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+    if dtype.itemsize >= 4:
+        raise ValueError(f"dtype must be narrower than float32; got {dtype}")
+    narrow_hidden = hidden.detach().to(dtype)
+    narrow_weight = weight.detach().to(dtype)
+    exact = _loss_and_gradients(
+        eager_label_padding_loss, narrow_hidden.double().numpy(),
+        narrow_weight.double().numpy(), labels, torch.float64,
+    )
+
+    def run(loss_fn: LossFunction, **options: Any) -> tuple[torch.Tensor, ...]:
+        h = narrow_hidden.clone().requires_grad_()
+        w = narrow_weight.clone().requires_grad_()
+        loss = loss_fn(h, w, labels, **options)
+        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+    routes = {
+        "chunked": run(chunked_causal_lm_loss, chunk_size=chunk_size),
+        "transformers eager": run(transformers_causal_lm_loss),
+        "float64 rounded": (exact[0], exact[1].to(dtype), exact[2].to(dtype)),
+    }
+    rows = []
+    for route, (loss, grad_hidden, grad_weight) in routes.items():
+        rows.append(
+            {
+                "route": route,
+                "loss": abs(float(loss) - float(exact[0])) / abs(float(exact[0])),
+                "hidden": _norm_error(grad_hidden, exact[1]),
+                "weight": _norm_error(grad_weight, exact[2]),
+                "hidden_max": _relative_error(grad_hidden.double(), exact[1]),
+                "weight_max": _relative_error(grad_weight.double(), exact[2]),
+            }
+        )
+    return rows
+
+
+def accumulation_check(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    micro_batches: int,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """Gradient accumulation into ``weight.grad``: the chunked loss against eager.
+
+    The batch's rows are split into ``micro_batches`` parts; each part's
+    loss, divided by the whole batch's count of scored targets
+    (``num_items_in_batch``), is back-propagated in turn into the same
+    ``weight``, once with the chunked loss and once with the eager loss.
+    From the second part on, ``weight.grad`` exists and the chunked loss
+    adds into it.
+
+    Args:
+        hidden: ``(B, T, d)`` float, ``B`` divisible by ``micro_batches``;
+        weight: ``(V, d)`` float; labels: ``(B, T)`` int, ``-100`` = ignored.
+        micro_batches: parts, ``>= 2``.
+        chunk_size: rows per chunk (``None``: the default budget).
+
+    Returns:
+        ``difference``: the largest relative difference between the two
+        accumulated weight gradients; ``peaks``: for each micro-batch, the
+        live tensor bytes at the peak of the chunked loss's pass
+        (:func:`companion.memory.TensorMemoryTracker`), the first without
+        and the others with an existing ``weight.grad``; ``weight_grad_bytes``:
+        the bytes of one ``(V, d)`` gradient.
+    """
+    batch, _, _, _ = check_hidden_weight_labels(hidden, weight, labels)
+    micro_batches = require_positive_int(micro_batches, "micro_batches")
+    if micro_batches < 2 or batch % micro_batches:
+        raise ValueError(
+            f"micro_batches must be >= 2 and divide B = {batch}; got {micro_batches}"
+        )
+    num_items = int((shift_labels_with_padding(labels) != IGNORE_INDEX).sum())
+    rows = batch // micro_batches
+    chunked_weight = weight.detach().clone().requires_grad_()
+    eager_weight = weight.detach().clone().requires_grad_()
+    peaks = []
+    for part in range(micro_batches):
+        part_rows = slice(part * rows, (part + 1) * rows)
+        part_hidden = hidden.detach()[part_rows]
+        with TensorMemoryTracker() as tracker:
+            chunked_causal_lm_loss(
+                part_hidden, chunked_weight, labels[part_rows],
+                chunk_size=chunk_size, num_items_in_batch=num_items,
+            ).backward()
+        peaks.append(tracker.peak_bytes)
+        eager_label_padding_loss(
+            part_hidden, eager_weight, labels[part_rows], num_items_in_batch=num_items
+        ).backward()
+    return {
+        "difference": _relative_error(chunked_weight.grad, eager_weight.grad),
+        "peaks": peaks,
+        "weight_grad_bytes": weight.numel() * weight.element_size(),
+    }
+
+
+def torchtune_style_peaks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_output_chunks: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, float]:
+    """Live tensors of torchtune's chunked-output loss, in eager mode.
+
+    Reproduces ``CEWithChunkedOutputLoss`` of torchtune 0.6.1: the model's
+    output layer returns the logits in ``dtype`` as ``num_output_chunks``
+    chunks along the sequence, which the caller keeps; the loss upcasts
+    each chunk with ``.float()`` and sums ``F.cross_entropy(..., reduction
+    ="sum")`` over them, then divides by the count of scored labels.
+
+    Returns:
+        In units of one float32 ``(B, T, V)`` tensor: ``after_forward``
+        (alive once the loss is returned: the chunks, and the float32
+        log-probabilities ``log_softmax`` saved for each chunk),
+        ``forward_peak`` and ``peak`` (of forward and backward).
+    """
+    batch, time, _, vocab = check_hidden_weight_labels(hidden, weight, labels)
+    num_output_chunks = require_positive_int(num_output_chunks, "num_output_chunks")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+    unit = 4 * batch * time * vocab
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    targets = shift_labels_with_padding(labels)
+    with TensorMemoryTracker() as tracker:
+        chunks = [part @ weight.T for part in hidden.chunk(num_output_chunks, dim=1)]
+        total = 0.0
+        for logits, target in zip(chunks, targets.chunk(num_output_chunks, dim=1)):
+            total = total + torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab).float(), target.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+        loss = total / (targets != IGNORE_INDEX).sum()
+        after_forward = tracker.live_bytes
+        forward_peak = tracker.peak_bytes
+        loss.backward()
+    del chunks, loss, total
+    return {
+        "after_forward": after_forward / unit,
+        "forward_peak": forward_peak / unit,
+        "peak": tracker.peak_bytes / unit,
+    }
+
+
+# --------------------------------------------------------------------------
+# Benchmark results (benchmarks/loss_memory.py)
+# --------------------------------------------------------------------------
 
 RESULTS_FILE_NAMES = ("loss_memory_cpu.json", "loss_memory_cpu_quick.json")
 """Benchmark result files, preferred first: the full run, then the quick."""
 
-NOT_RUN_STATUSES = ("not_run",)
-"""Record statuses of configurations the benchmark skipped on an estimate."""
+NOT_RUN_STATUSES = ("not_run", "needs_gpu", "unavailable")
+"""Statuses of variants the benchmark did not measure, for a stated reason."""
+
+MEMORY_FLOOR_FACTOR = 1.05
+"""Goal: the chunked loss's peak <= this multiple of the memory floor."""
+
+TIME_GOAL_SIZE = (512, 8192, 128256)
+"""``(d, T, V)`` where the chunked loss should take at most
+:data:`TIME_GOAL_RATIO` of the eager loss's time."""
+
+TIME_GOAL_RATIO = 0.6
+"""Goal at :data:`TIME_GOAL_SIZE`; also the masked-prompt and bfloat16
+goals' ratio (half-masked over all-scored; bfloat16 over float32)."""
+
+OURS = ("chunked", "chunked_masked", "chunked_bf16", "chunked_bf16_masked")
+"""The benchmark's variants of :func:`companion.chunked_loss.chunked_causal_lm_loss`."""
 
 
 def find_results_file(directory: str | Path) -> Path:
@@ -540,35 +783,6 @@ def find_results_file(directory: str | Path) -> Path:
     raise FileNotFoundError(
         f"no benchmark results in {directory}: expected one of "
         f"{', '.join(RESULTS_FILE_NAMES)}"
-    )
-
-
-def was_not_run(record: dict[str, Any]) -> bool:
-    """Whether the benchmark skipped this record because of its estimate.
-
-    Such a record holds an estimate, never a measurement.  Older result
-    files report it as ``"oom"`` with ``"not run"`` in its ``detail``.
-    """
-    if record["status"] in NOT_RUN_STATUSES:
-        return True
-    return (
-        record["status"] == "oom"
-        and record.get("peak_bytes") is None
-        and "not run" in str(record.get("detail", ""))
-    )
-
-
-def not_run_text(record: dict[str, Any]) -> str:
-    """``"not run (estimated X GiB > budget Y GiB)"`` for a skipped record."""
-    needed = record.get("needed_bytes", record.get("estimate_bytes"))
-    budget = record.get("budget_bytes")
-    if needed is None:
-        return "not run (estimated above the memory budget)"
-    if budget is None:
-        return f"not run (estimated {needed / GIB:.1f} GiB > budget)"
-    return (
-        f"not run (estimated {needed / GIB:.1f} GiB "
-        f"> budget {budget / GIB:.1f} GiB)"
     )
 
 
@@ -604,11 +818,27 @@ def _check_records(records: Any) -> list[dict[str, Any]]:
     return list(records)
 
 
+def record_size(record: Mapping[str, Any]) -> tuple[int, int, int]:
+    """A record's ``(d, T, V)``."""
+    return (int(record["hidden_size"]), int(record["time"]), int(record["vocab"]))
+
+
+def sizes_of(records: Sequence[dict[str, Any]], block: str = "main") -> list[tuple[int, int, int]]:
+    """The ``(d, T, V)`` of a block's records (``"main"`` or ``"sweep"``), in run order."""
+    seen: list[tuple[int, int, int]] = []
+    for record in _check_records(records):
+        if record.get("block", "main") == block and record_size(record) not in seen:
+            seen.append(record_size(record))
+    return seen
+
+
 def find_record(
-    records: Sequence[dict[str, Any]], variant: str, time: int, vocab: int
+    records: Sequence[dict[str, Any]],
+    variant: str,
+    size: tuple[int, int, int],
+    block: str = "main",
 ) -> dict[str, Any] | None:
-    """The record of ``variant`` at sequence length ``time`` and vocabulary
-    ``vocab``, or ``None`` if the file has none.
+    """The record of ``variant`` at ``size = (d, T, V)`` in ``block``, or ``None``.
 
     Raises:
         ValueError: the file has more than one such record.
@@ -616,317 +846,216 @@ def find_record(
     found = [
         record
         for record in _check_records(records)
-        if (record["variant"], record["time"], record["vocab"])
-        == (variant, time, vocab)
+        if record["variant"] == variant
+        and record_size(record) == tuple(size)
+        and record.get("block", "main") == block
     ]
     if len(found) > 1:
         raise ValueError(
-            f"records hold {len(found)} records of {variant} at "
-            f"T = {time}, V = {vocab}; expected at most one"
+            f"records hold {len(found)} records of {variant} at {tuple(size)}; "
+            "expected at most one"
         )
     return found[0] if found else None
 
 
-def best_eager(
-    records: Sequence[dict[str, Any]], time: int, vocab: int, key: str
-) -> float | None:
-    """The smaller of the two eager formulations' ``key`` at ``(time, vocab)``.
+def measured(record: Mapping[str, Any] | None) -> bool:
+    """Whether ``record`` holds a measurement (``status == "ok"``)."""
+    return record is not None and record.get("status") == "ok"
 
-    Only measured records count (``status == "ok"``, ``key`` present):
-    the eager loss is the better of :data:`EAGER_VARIANTS` (smaller peak,
-    shorter time).  ``None`` when neither was measured.
+
+def floor_bytes(record: Mapping[str, Any]) -> int:
+    """The memory floor of a chunked-loss record, inputs included.
+
+    ``hidden`` and ``weight``, their two gradients (in the inputs' dtype),
+    and one chunk's block (``chunk_bytes``, or fewer rows when fewer
+    positions are scored).  For a bfloat16 record the
+    design also keeps the float32 ``(V, d)`` sum of the weight gradient;
+    the block is freed before that sum is rounded into the bfloat16
+    weight gradient, so the floor counts the larger of the two beside it:
+    inputs, hidden gradient, float32 sum and ``max(block, weight
+    gradient)``.
     """
-    values = [
-        float(record[key])
-        for name in EAGER_VARIANTS
-        if (record := find_record(records, name, time, vocab)) is not None
-        and record["status"] == "ok"
-        and record.get(key) is not None
-    ]
-    return min(values) if values else None
+    hidden_size, time, vocab = record_size(record)
+    element = 2 if record["dtype"] == "bfloat16" else 4
+    inputs = (record["batch"] * time + vocab) * hidden_size * element
+    # A chunk has at most as many rows as there are scored positions: the
+    # benchmark masks the first ``masked * T`` labels of each sequence, and
+    # the last position never has a target.
+    prompt = int(round(float(record.get("masked", 0.0)) * time))
+    scored = record["batch"] * (time - max(prompt, 1))
+    rows = int(record["chunk_rows"])
+    block = int(record["chunk_bytes"]) // rows * min(rows, scored)
+    if element >= 4:
+        return 2 * inputs + block
+    hidden_grad = record["batch"] * time * hidden_size * element
+    weight_grad = vocab * hidden_size * element
+    return inputs + hidden_grad + 4 * vocab * hidden_size + max(block, weight_grad)
 
 
-def common_value(records: Sequence[dict[str, Any]], key: str) -> Any:
-    """The one value of ``key`` that every record shares (e.g. ``"batch"``).
-
-    Raises:
-        ValueError: no records, or two records differ in ``key``.
-    """
-    values = {record[key] for record in _check_records(records)}
-    if len(values) != 1:
-        raise ValueError(
-            f"records must share one value of {key!r}; got {sorted(values)}"
-        )
-    return values.pop()
+def peak_total_bytes(record: Mapping[str, Any]) -> float:
+    """Inputs plus the median resident-set growth of a measured record."""
+    return float(record["input_bytes"]) + float(record["peak_bytes"])
 
 
-def pivot_records(
+def side_by_side(
     records: Sequence[dict[str, Any]],
-    key: str,
-    *,
-    scale: float = 1.0,
-    digits: int = 0,
+    variants: Sequence[str],
     labels: Mapping[str, str] | None = None,
 ) -> Any:
-    """One value per record as a table: rows ``T``, columns ``(V, variant)``.
+    """The main comparison as a table: one row per size and variant.
 
-    Args:
-        records: benchmark records (``variant``, ``time``, ``vocab``,
-            ``status`` and, when ``status`` is ``"ok"``, ``key``); a record
-            that was not measured shows as missing.
-        key: the value to show, e.g. ``"peak_bytes"`` or ``"median_s"``.
-        scale: each value is divided by it (``2**20`` for MiB), > 0.
-        digits: decimals kept; with ``0`` the values are whole numbers
-            (pandas ``Int64``, missing as ``<NA>``).
-        labels: column header of each variant (default: its name).
+    Columns: ``memory (MiB)`` (inputs plus the median peak growth),
+    ``live (MiB)`` (inputs plus the tracked tensors, where tracked),
+    ``time (s)`` (median wall time), ``spread (s)`` (fastest to slowest
+    pass), ``CPU (s)`` (median CPU time), ``× eager`` (median time over the
+    eager loss's), ``faults (k)`` (median minor page faults per pass, in
+    thousands) and ``status``.  Variants not measured keep their status.
 
     Returns:
-        A ``pandas.DataFrame``: index ``T`` (sorted), columns
-        ``(V, variant)`` with ``V`` sorted and the variants in the order of
-        :data:`LOSS_VARIANTS`.
+        A ``pandas.DataFrame`` indexed by ``(size, variant)``, the size
+        written ``"d, T, V"``.
     """
     import pandas as pd
 
     records = _check_records(records)
-    if not records:
-        raise ValueError("records must hold at least one benchmark record")
-    scale = require_real_number(scale, "scale")
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite number; got {scale}")
-    digits = require_int(digits, "digits")
-    if digits < 0:
-        raise ValueError(f"digits must be >= 0; got {digits}")
-    unknown = {r["variant"] for r in records} - set(LOSS_VARIANTS)
-    if unknown:
-        raise ValueError(
-            f"records hold variants not in LOSS_VARIANTS: {sorted(unknown)}"
-        )
     labels = dict(labels or {})
-    rows = [
-        {
-            "T": r["time"],
-            "V": r["vocab"],
-            "variant": r["variant"],
-            "value": r[key] / scale if r["status"] == "ok" else float("nan"),
-        }
-        for r in records
-    ]
-    table = pd.DataFrame(rows).pivot(
-        index="T", columns=["V", "variant"], values="value"
-    )
-    columns = [
-        (vocab, variant)
-        for vocab in sorted({r["vocab"] for r in records})
-        for variant in LOSS_VARIANTS
-        if (vocab, variant) in table.columns
-    ]
-    table = table[columns].round(digits)
-    if digits == 0:
-        table = table.astype("Int64")
-    table.columns = pd.MultiIndex.from_tuples(
-        [(vocab, labels.get(variant, variant)) for vocab, variant in columns],
-        names=["V", None],
-    )
-    return table
-
-
-def eager_peak_gap(records: Sequence[dict[str, Any]]) -> float:
-    """Largest relative difference between the two eager formulations' peaks.
-
-    ``|shift_and_slice - label_padding| / label_padding`` of ``peak_bytes``,
-    over the sizes where both were measured.
-
-    Raises:
-        ValueError: no size where both were measured.
-    """
-    gaps = []
-    for sliced in _check_records(records):
-        if sliced["variant"] != "shift_and_slice" or sliced["status"] != "ok":
-            continue
-        padded = find_record(
-            records, "label_padding", sliced["time"], sliced["vocab"]
-        )
-        if padded is not None and padded["status"] == "ok":
-            gaps.append(
-                abs(sliced["peak_bytes"] - padded["peak_bytes"])
-                / padded["peak_bytes"]
-            )
-    if not gaps:
-        raise ValueError("records have no size where both eager variants ran")
-    return max(gaps)
-
-
-def rss_over_live(
-    records: Sequence[dict[str, Any]], variant: str, vocab: int
-) -> dict[int, float]:
-    """Peak resident-set growth over peak live tensors, by sequence length.
-
-    ``{T: peak_bytes / peak_tensor_bytes}`` for the measured records of
-    ``variant`` at vocabulary ``vocab``: how much memory the process took
-    beyond its tensors (allocator caching and fragmentation, work buffers).
-    """
-    return {
-        r["time"]: r["peak_bytes"] / r["peak_tensor_bytes"]
-        for r in _check_records(records)
-        if r["status"] == "ok" and (r["variant"], r["vocab"]) == (variant, vocab)
-    }
-
-
-def busy_share(record: Mapping[str, Any], threads: int) -> float:
-    """How busy the threads were: median CPU time over ``threads`` x median wall time.
-
-    ``record`` is a measured benchmark record (``median_cpu_s``,
-    ``median_s``); ``threads`` the number of PyTorch threads (the results
-    file's ``machine["torch_threads"]``), >= 1.  1.0 means every thread
-    computed for the whole pass.
-    """
-    if not isinstance(record, Mapping):
-        raise TypeError(f"record must be a dict; got {type(record).__name__}")
-    threads = require_positive_int(threads, "threads")
-    return float(record["median_cpu_s"]) / (threads * float(record["median_s"]))
-
-
-def memory_target_report(
-    records: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """Each memory goal of :data:`MEMORY_TARGETS`, against benchmark records.
-
-    The chunked Function is compared with the *better* (smaller) of the two
-    eager formulations.  Only measurements count: an eager formulation the
-    benchmark skipped because its estimate exceeded the memory budget has
-    no ratio, and the goal is not judged on the estimate.
-
-    Args:
-        records: the ``"results"`` list of a benchmark JSON file.
-
-    Returns:
-        One dict per goal: ``time``, ``vocab``, ``required`` (``k``),
-        ``eager_bytes``, ``chunked_bytes``, ``ratio`` (eager / chunked, or
-        ``None``), ``verdict`` and ``note``.  ``verdict`` is ``"met"``,
-        ``"missed"``, ``"eager not run"`` (skipped on its estimate; ``note``
-        says ``"eager not run (estimated X GiB > budget Y GiB)"``),
-        ``"eager out of memory"`` (it ran and an allocation failed) or
-        ``"not measured"`` (the size is not in the file).
-    """
-    report = []
-    for time, vocab, required in MEMORY_TARGETS:
-        chunked = find_record(records, "chunked_function", time, vocab)
-        eagers = [
-            find_record(records, name, time, vocab) for name in EAGER_VARIANTS
-        ]
-        eager_bytes = best_eager(records, time, vocab, "peak_bytes")
-        row: dict[str, Any] = {
-            "time": time,
-            "vocab": vocab,
-            "required": required,
-            "eager_bytes": eager_bytes,
-            "chunked_bytes": None,
-            "ratio": None,
-            "verdict": "not measured",
-            "note": "",
-        }
-        report.append(row)
-        if chunked is None or chunked["status"] != "ok":
-            continue
-        row["chunked_bytes"] = float(chunked["peak_bytes"])
-        if eager_bytes is not None:
-            row["ratio"] = eager_bytes / row["chunked_bytes"]
-            row["verdict"] = "met" if row["ratio"] >= required else "missed"
-            continue
-        present = [r for r in eagers if r is not None]
-        if not present:
-            continue
-        if all(was_not_run(r) for r in present):
-            row["verdict"] = "eager not run"
-            row["note"] = "eager " + not_run_text(present[0])
-        elif any(
-            r["status"] == "oom" and not was_not_run(r) for r in present
-        ):
-            row["verdict"] = "eager out of memory"
-            row["note"] = "eager ran out of memory within the budget"
-    return report
-
-
-def time_target_report(
-    records: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """The time goal (:data:`TIME_TARGET`) at every size where both ran.
-
-    Returns:
-        One dict per ``(time, vocab)``: ``eager_s`` (the faster eager
-        median wall time), ``chunked_s``, ``ratio`` (chunked / eager),
-        ``verdict`` (``"met"`` or ``"missed"``), and ``cpu_ratio``, the
-        same ratio of median CPU times (``None`` if not recorded), which
-        other processes on the machine disturb less; sorted by
-        ``(vocab, time)``.
-    """
-    sizes = sorted({(r["vocab"], r["time"]) for r in records})
-    report = []
-    for vocab, time in sizes:
-        chunked = find_record(records, "chunked_function", time, vocab)
-        eager_s = best_eager(records, time, vocab, "median_s")
-        if chunked is None or chunked["status"] != "ok" or eager_s is None:
-            continue
-        ratio = float(chunked["median_s"]) / eager_s
-        eager_cpu_s = best_eager(records, time, vocab, "median_cpu_s")
-        chunked_cpu_s = chunked.get("median_cpu_s")
-        cpu_ratio = None
-        if eager_cpu_s and chunked_cpu_s:
-            cpu_ratio = float(chunked_cpu_s) / eager_cpu_s
-        report.append(
-            {
-                "time": time,
-                "vocab": vocab,
-                "eager_s": eager_s,
-                "chunked_s": float(chunked["median_s"]),
-                "ratio": ratio,
-                "verdict": "met" if ratio <= TIME_TARGET else "missed",
-                "cpu_ratio": cpu_ratio,
+    rows = []
+    for size in sizes_of(records):
+        eager = find_record(records, "eager", size)
+        for variant in variants:
+            record = find_record(records, variant, size)
+            if record is None:
+                continue
+            row: dict[str, Any] = {
+                "size": ", ".join(map(str, size)),
+                "variant": labels.get(variant, variant),
+                "status": record["status"],
             }
-        )
-    return report
+            if measured(record):
+                tracked = record.get("peak_tensor_bytes")
+                row.update(
+                    {
+                        "memory (MiB)": peak_total_bytes(record) / 2**20,
+                        "live (MiB)": (
+                            (record["input_bytes"] + tracked) / 2**20 if tracked else math.nan
+                        ),
+                        "time (s)": record["median_s"],
+                        "spread (s)": "{:.2f} to {:.2f}".format(*record["time_spread_s"]),
+                        "CPU (s)": record["median_cpu_s"],
+                        "× eager": (
+                            record["median_s"] / eager["median_s"] if measured(eager) else math.nan
+                        ),
+                        "faults (k)": record["median_minor_faults"] / 1000,
+                    }
+                )
+            rows.append(row)
+    columns = [
+        "size", "variant", "memory (MiB)", "live (MiB)", "time (s)", "spread (s)",
+        "CPU (s)", "× eager", "faults (k)", "status",
+    ]
+    return pd.DataFrame(rows).reindex(columns=columns).set_index(["size", "variant"])
 
 
-def goal_ratio_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chapter's table of ratios at every size where both losses ran.
+def _ratio(records: Sequence[dict[str, Any]], top: str, bottom: str, size: tuple[int, int, int],
+           key: str = "median_s") -> float | None:
+    first, second = find_record(records, top, size), find_record(records, bottom, size)
+    if not (measured(first) and measured(second)):
+        return None
+    return float(first[key]) / float(second[key])
 
-    At each ``(T, V)`` where the chunked Function and at least one eager
-    formulation were measured (vocabularies, then lengths, ascending):
 
-    * ``memory``: the better eager peak (:func:`best_eager`) over the
-      chunked Function's, both as resident-set growth (``peak_bytes``);
-    * ``goal``: ``"≥ k"`` where :data:`MEMORY_TARGETS` sets a goal, else
-      ``""``;
-    * ``live``: the same ratio of live tensors (``peak_tensor_bytes``);
-    * ``time`` and ``CPU``: the chunked Function's median wall and CPU
-      time over the faster eager formulation's
-      (:func:`time_target_report`'s ``ratio`` and ``cpu_ratio``).
+def goal_report(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every goal of the benchmark, at every size where it can be judged.
+
+    Goals (``goal``), each a ratio that must not exceed ``target``:
+
+    * ``memory``: a chunked-loss record's peak (inputs included) over its
+      floor (:func:`floor_bytes`), at most :data:`MEMORY_FLOOR_FACTOR`;
+    * ``faster than eager``: the chunked loss's median time over the eager
+      loss's, below 1;
+    * ``no slower than compile``: over ``torch.compile`` of the eager loss,
+      at most 1;
+    * ``0.6 × eager``: at :data:`TIME_GOAL_SIZE` only;
+    * ``masked``: half of the targets ignored over all scored, float32 and
+      bfloat16, at most :data:`TIME_GOAL_RATIO`;
+    * ``bfloat16``: bfloat16 over float32, at most :data:`TIME_GOAL_RATIO`.
 
     Returns:
-        One dict per size with keys ``T``, ``V`` and the five above.
+        One dict per goal and size: ``goal``, ``variant``, ``size``,
+        ``ratio`` (the median-time or memory ratio), ``cpu_ratio`` (the same
+        for CPU time, for time goals), ``target``, ``met`` (``ratio <=
+        target``, strictly below for "faster than eager").  A goal whose
+        records were not both measured is left out.
     """
     records = _check_records(records)
-    goal_of = {(t, v): k for t, v, k in MEMORY_TARGETS}
-    time_of = {(r["time"], r["vocab"]): r for r in time_target_report(records)}
-    rows = []
-    for vocab in sorted({r["vocab"] for r in records}):
-        for time in sorted({r["time"] for r in records}):
-            chunked = find_record(records, "chunked_function", time, vocab)
-            eager_peak = best_eager(records, time, vocab, "peak_bytes")
-            if chunked is None or chunked["status"] != "ok" or eager_peak is None:
-                continue
-            live = best_eager(records, time, vocab, "peak_tensor_bytes")
-            goal = goal_of.get((time, vocab))
-            timing = time_of[(time, vocab)]
-            rows.append(
-                {
-                    "T": time,
-                    "V": vocab,
-                    "memory": eager_peak / chunked["peak_bytes"],
-                    "goal": f"≥ {goal}" if goal else "",
-                    "live": live / chunked["peak_tensor_bytes"],
-                    "time": timing["ratio"],
-                    "CPU": timing["cpu_ratio"],
-                }
-            )
-    return rows
+    report: list[dict[str, Any]] = []
+
+    def add(goal: str, variant: str, size: tuple[int, int, int], ratio: float | None,
+            target: float, cpu_ratio: float | None = None, strict: bool = False) -> None:
+        if ratio is None:
+            return
+        report.append(
+            {
+                "goal": goal, "variant": variant, "size": size, "ratio": ratio,
+                "cpu_ratio": cpu_ratio, "target": target,
+                "met": ratio < target if strict else ratio <= target,
+            }
+        )
+
+    for size in sizes_of(records):
+        for variant in OURS:
+            record = find_record(records, variant, size)
+            if measured(record):
+                add("memory", variant, size, peak_total_bytes(record) / floor_bytes(record),
+                    MEMORY_FLOOR_FACTOR)
+        add("faster than eager", "chunked", size, _ratio(records, "chunked", "eager", size), 1.0,
+            _ratio(records, "chunked", "eager", size, "median_cpu_s"), strict=True)
+        add("no slower than compile", "chunked", size,
+            _ratio(records, "chunked", "compiled_eager", size), 1.0,
+            _ratio(records, "chunked", "compiled_eager", size, "median_cpu_s"))
+        if tuple(size) == TIME_GOAL_SIZE:
+            add("0.6 × eager", "chunked", size, _ratio(records, "chunked", "eager", size),
+                TIME_GOAL_RATIO, _ratio(records, "chunked", "eager", size, "median_cpu_s"))
+        for masked, full in (("chunked_masked", "chunked"), ("chunked_bf16_masked", "chunked_bf16")):
+            add("masked", masked, size, _ratio(records, masked, full, size), TIME_GOAL_RATIO,
+                _ratio(records, masked, full, size, "median_cpu_s"))
+        add("bfloat16", "chunked_bf16", size, _ratio(records, "chunked_bf16", "chunked", size),
+            TIME_GOAL_RATIO, _ratio(records, "chunked_bf16", "chunked", size, "median_cpu_s"))
+    return report
+
+
+def sweep_table(records: Sequence[dict[str, Any]]) -> Any:
+    """The chunk-budget sweep: one row per dtype and budget.
+
+    Columns ``dtype``, ``budget (MiB)``, ``rows`` (positions per chunk),
+    ``memory (MiB)`` (inputs plus median peak growth), ``floor (MiB)``
+    (:func:`floor_bytes`), ``time (s)`` (median wall) and ``CPU (s)``; the
+    sweep's records that were measured, sorted by dtype and budget.
+    """
+    import pandas as pd
+
+    rows = [
+        {
+            "dtype": record["dtype"],
+            "budget (MiB)": record["chunk_budget_bytes"] / 2**20,
+            "rows": record["chunk_rows"],
+            "memory (MiB)": peak_total_bytes(record) / 2**20,
+            "floor (MiB)": floor_bytes(record) / 2**20,
+            "time (s)": record["median_s"],
+            "CPU (s)": record["median_cpu_s"],
+        }
+        for record in _check_records(records)
+        if record.get("block") == "sweep" and measured(record)
+    ]
+    if not rows:
+        raise ValueError("records hold no measured record of the chunk-budget sweep")
+    return pd.DataFrame(rows).sort_values(["dtype", "budget (MiB)"]).reset_index(drop=True)
+
+
+def tracker_disagreements(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measured records whose resident-set growth and tracked tensors differ
+    by more than the benchmark's 5 % (``tracker_disagrees``)."""
+    return [
+        record for record in _check_records(records)
+        if measured(record) and record.get("tracker_disagrees")
+    ]

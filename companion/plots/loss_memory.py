@@ -98,119 +98,6 @@ def _round_above(value: float) -> float:
     return min(c for c in candidates if c >= value * (1 - 1e-12))
 
 
-def plot_peak_memory(records: Sequence[Mapping[str, Any]]) -> plt.Figure:
-    """Peak RSS growth against sequence length, log-log, one panel per V.
-
-    Args:
-        records: benchmark records (the ``"results"`` list of a
-            ``benchmarks/results/loss_memory_*.json`` file), each with
-            ``variant``, ``time``, ``vocab``, ``status`` and, when
-            ``status`` is ``"ok"``, ``peak_bytes``.  Records the benchmark
-            did not run (``"not_run"``) or that ran out of memory
-            (``"oom"``) are drawn as a cross at their first-principles
-            estimate (``estimate_bytes``), never as a measurement.
-
-    Returns:
-        The figure, 6.3 in wide; the legend sits below the panels.
-    """
-    vocabs = sorted({int(record["vocab"]) for record in records})
-    if not vocabs:
-        raise ValueError("records must contain at least one benchmark record")
-    times = sorted({int(record["time"]) for record in records})
-    fig, axes_grid = plt.subplots(
-        1,
-        len(vocabs),
-        figsize=(TEXT_WIDTH_IN, 3.9),
-        dpi=110,
-        layout="constrained",
-        sharey=True,
-        squeeze=False,
-    )
-    axes = axes_grid[0]
-    drawn: list[float] = []
-    for ax, vocab in zip(axes, vocabs):
-        for variant, label in VARIANT_LABELS.items():
-            rows = sorted(
-                (
-                    r
-                    for r in records
-                    if r["variant"] == variant and int(r["vocab"]) == vocab
-                ),
-                key=lambda r: int(r["time"]),
-            )
-            measured = [
-                (int(r["time"]), r["peak_bytes"] / MIB)
-                for r in rows
-                if r["status"] == "ok"
-            ]
-            style = VARIANT_STYLES[variant]
-            if measured:
-                xs, ys = zip(*measured)
-                ax.plot(xs, ys, label=label, **style)
-                drawn += ys
-            estimated = [
-                (int(r["time"]), r["estimate_bytes"] / MIB)
-                for r in rows
-                if r["status"] in NOT_MEASURED
-            ]
-            if estimated:
-                xs, ys = zip(*estimated)
-                ax.plot(
-                    xs,
-                    ys,
-                    linestyle="none",
-                    marker="x",
-                    markersize=9,
-                    color=style["color"],
-                )
-                drawn += ys
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(FixedLocator(times))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(t) for t in times])
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.tick_params(labelsize=TICK_PT)
-        ax.set_xlabel("sequence length T (tokens)", fontsize=LABEL_PT)
-        ax.set_title(f"V = {vocab}", fontsize=TITLE_PT)
-        ax.grid(True, which="both", alpha=0.3)
-    # Limits at 1-2-5 values just outside the data, each labelled, so the
-    # smallest value has a labelled tick below it even within one decade.
-    positive = [value for value in drawn if value > 0]
-    if positive:
-        low = _round_below(min(positive) / 1.05)
-        high = _round_above(max(positive) * 1.05)
-        axes[0].set_ylim(low, high)
-        axes[0].yaxis.set_major_locator(
-            FixedLocator(_round_log_ticks(low, high))
-        )
-    axes[0].set_ylabel("peak RSS growth (MiB)", fontsize=LABEL_PT)
-    handles, labels = axes[0].get_legend_handles_labels()
-    statuses = {r["status"] for r in records}
-    if statuses & set(NOT_MEASURED):
-        (cross,) = axes[0].plot(
-            [], [], linestyle="none", marker="x", color="#555555"
-        )
-        handles.append(cross)
-        labels.append(
-            "not run or out of memory (at its estimate)"
-            if statuses >= set(NOT_MEASURED)
-            else "out of memory (at its estimate)"
-            if "oom" in statuses
-            else "not run, over budget (at its estimate)"
-        )
-    fig.legend(
-        handles,
-        labels,
-        loc="outside lower center",
-        ncol=2,
-        fontsize=LEGEND_PT,
-        frameon=False,
-    )
-    return fig
-
-
 def _first_index(values: Sequence[float], start: int, level: float) -> int:
     """First index >= ``start`` whose value is within 5 % of ``level``."""
     for index in range(start, len(values)):
@@ -220,135 +107,94 @@ def _first_index(values: Sequence[float], start: int, level: float) -> int:
 
 
 def plot_live_memory_timeline(
-    timelines: Mapping[str, Sequence[int]],
+    timelines: Mapping[str, Mapping[str, Any]],
     logits_bytes: int,
-    backward_starts: Mapping[str, int] | None = None,
     annotate: str | None = "label_padding",
 ) -> plt.Figure:
-    """Live tensor memory through one forward + backward pass, per variant.
+    """Live tensor memory against time through one forward + backward pass.
 
     Args:
-        timelines: for each variant, the live bytes after each operator
-            call (``TensorMemoryTracker.timeline``).
+        timelines: for each variant, a dict with ``bytes`` (live bytes
+            after each operator call, ``TensorMemoryTracker.timeline``),
+            ``seconds`` (when each call ended, ``TensorMemoryTracker.times``)
+            and ``backward_start`` (seconds at which the backward pass
+            began), as ``companion.experiments.loss_memory.memory_timelines``
+            returns them.
         logits_bytes: bytes of one ``(B, T, V)`` logits tensor; memory is
             drawn in units of it, so "3" means three such tensors.
-        backward_starts: for each variant, the index in its timeline of
-            the first operator call of the backward pass.  When given, the
-            forward calls fill the left half of the x axis and the backward
-            calls the right half, with the boundary marked; otherwise the
-            x axis is the fraction of operator calls.
         annotate: the eager variant whose buffers are labelled (``Z``,
-            ``A``, ``dL/dA``, ``G``), or ``None``; needs ``backward_starts``.
+            ``A``, ``dL/dA``, ``G``), or ``None``.
 
     Returns:
-        The figure, 6.3 in wide.
+        The figure, 6.3 in wide: x is milliseconds from the start of the
+        pass, a dot marks where each variant's backward pass began.
     """
     if logits_bytes <= 0:
         raise ValueError(f"logits_bytes must be > 0; got {logits_bytes}")
     fig, ax = new_figure(height=3.4)
-    positions: dict[str, list[float]] = {}
-    for variant, timeline in timelines.items():
-        count = len(timeline)
-        split = None if backward_starts is None else backward_starts[variant]
-        units = [value / logits_bytes for value in timeline]
-        if split is None:
-            progress = [i / max(count - 1, 1) for i in range(count)]
-        else:
-            # Forward calls fill [0, 0.5), backward calls [0.5, 1).
-            forward = max(split, 1)
-            backward = max(count - split, 1)
-            progress = [
-                0.5 * i / forward
-                if i < split
-                else 0.5 + 0.5 * (i - split) / backward
-                for i in range(count)
-            ]
-        positions[variant] = progress
+    top = 0.0
+    end = 0.0
+    for variant, line in timelines.items():
+        units = [value / logits_bytes for value in line["bytes"]]
+        millis = [1000 * t for t in line["seconds"]]
+        if not units:
+            continue
         style = {
             key: value
             for key, value in VARIANT_STYLES.get(variant, {}).items()
             if not key.startswith("marker")
         }
         style["linewidth"] = 1.5
-        ax.step(
-            progress + [1.0],
-            units + units[-1:],
-            where="post",
-            label=VARIANT_LABELS.get(variant, variant),
-            **style,
+        ax.step([0.0, *millis], [0.0, *units], where="pre",
+                label=VARIANT_LABELS.get(variant, variant), **style)
+        start_ms = 1000 * line["backward_start"]
+        level = next(
+            (u for m, u in zip(millis, units) if m >= start_ms), units[-1]
         )
-    top = max(
-        (max(t, default=0) / logits_bytes for t in timelines.values()),
-        default=1.0,
-    )
-    ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)
-    if backward_starts is not None:
-        ax.axvline(0.5, color="#333333", linewidth=1, linestyle=":")
-        ax.text(0.49, 1.2 * top, "forward", ha="right", fontsize=LABEL_PT)
-        ax.text(0.51, 1.2 * top, "backward", ha="left", fontsize=LABEL_PT)
-        ax.set_xlabel(
-            "operator calls, in order (forward pass left, backward right)",
-            fontsize=LABEL_PT,
-        )
-        ax.set_xticks([0, 0.5, 1])
-    else:
-        ax.set_xlabel(
-            "progress through forward + backward (fraction of operator calls)",
-            fontsize=LABEL_PT,
-        )
-    if annotate is not None and backward_starts is not None:
-        if annotate in timelines:
-            _annotate_buffers(
-                ax,
-                positions[annotate],
-                [v / logits_bytes for v in timelines[annotate]],
-                backward_starts[annotate],
-            )
+        ax.plot([start_ms], [level], marker="o", markersize=5,
+                color=style.get("color", "#333333"), linestyle="none")
+        top = max(top, max(units))
+        end = max(end, millis[-1])
+        if variant == annotate:
+            _annotate_buffers(ax, millis, units, line["backward_start"] * 1000)
+    ax.set_ylim(0, 1.25 * top if top > 0 else 1.0)
+    ax.set_xlim(0, end * 1.02 if end > 0 else 1.0)
+    ax.set_xlabel("time from the start of the pass (ms); dot: backward pass begins",
+                  fontsize=LABEL_PT)
     ax.set_ylabel("live tensors (× one logits)", fontsize=LABEL_PT)
     ax.set_title(
         "Tensors alive during one forward and backward pass of the loss",
         fontsize=TITLE_PT,
     )
-    ax.set_xlim(0, 1)
     ax.tick_params(labelsize=TICK_PT)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=LEGEND_PT, loc="upper left", frameon=False)
+    ax.legend(fontsize=LEGEND_PT, loc="upper right", frameon=False)
     return fig
 
 
-def _plateau_middle(
-    xs: Sequence[float], units: Sequence[float], i: int
-) -> float:
+def _plateau_middle(xs: Sequence[float], units: Sequence[float], i: int) -> float:
     """x in the middle of the run of calls that keep ``units[i]``."""
     j = i
     level = units[i]
     while j + 1 < len(units) and abs(units[j + 1] - level) <= 0.05 * level:
         j += 1
-    end = xs[j + 1] if j + 1 < len(xs) else 1.0
-    return (xs[i] + end) / 2
+    before = xs[i - 1] if i > 0 else 0.0
+    return (before + xs[j]) / 2
 
 
 def _annotate_buffers(
-    ax: plt.Axes, xs: Sequence[float], units: Sequence[float], split: int
+    ax: plt.Axes, xs: Sequence[float], units: Sequence[float], backward_x: float
 ) -> None:
     """Name the logits-sized buffers alive at each level of an eager line."""
+    split = next((i for i, x in enumerate(xs) if x >= backward_x), len(xs))
     forward_peak = max(range(split), key=lambda i: units[i], default=-1)
-    backward_peak = max(
-        range(split, len(units)), key=lambda i: units[i], default=-1
-    )
-    # (call index, text, above the line?)
+    backward_peak = max(range(split, len(units)), key=lambda i: units[i], default=-1)
     events = [
-        (_first_index(units, 0, 1.0), "Z", True),
         (forward_peak, "Z, A", True),
-        # Z goes when the loss function returns, between two calls.
-        (_first_index(units, max(forward_peak, 0), 1.0), "A", False),
-        (_first_index(units, split, 2.0), "A, ∂L/∂A", True),
         (backward_peak, "A, ∂L/∂A, G", True),
     ]
     if backward_peak >= 0:
-        events.append(
-            (_first_index(units, backward_peak + 1, 1.0), "G", False)
-        )
+        events.append((_first_index(units, backward_peak + 1, 1.0), "G", False))
     for index, text, above in events:
         if index < 0:
             continue
@@ -361,3 +207,121 @@ def _annotate_buffers(
             va="bottom" if above else "top",
             fontsize=TICK_PT,
         )
+
+
+_PEER_COLORS = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#9467bd")
+_OUR_COLORS = ("#1f77b4", "#17becf", "#2ca02c", "#98df8a")
+_MARKERS = ("o", "s", "^", "v", "P", "X", "*", "h")
+
+
+def plot_side_by_side(
+    table: Any,
+    highlight: Sequence[str] = (),
+) -> plt.Figure:
+    """Memory against time of every measured variant, one panel per size.
+
+    Args:
+        table: ``companion.experiments.loss_memory.side_by_side``'s table
+            (index ``(size, variant)``, columns ``memory (MiB)`` and
+            ``× eager``); rows without a measurement are skipped.
+        highlight: variant labels drawn filled (the package's own); the
+            others are drawn hollow.  Each variant keeps its marker and
+            colour in every panel, named once in the legend below.
+
+    Returns:
+        The figure, 6.3 in wide: x is the peak memory in MiB (log scale,
+        inputs included), y the median time over the eager loss's.
+    """
+    measured = table.dropna(subset=["memory (MiB)", "× eager"])
+    sizes = list(dict.fromkeys(measured.index.get_level_values(0)))
+    if not sizes:
+        raise ValueError("table must hold at least one measured row")
+    variants = list(dict.fromkeys(measured.index.get_level_values(1)))
+    styles: dict[str, dict[str, Any]] = {}
+    peers = ours = 0
+    for label in variants:
+        if label in highlight:
+            color = _OUR_COLORS[ours % len(_OUR_COLORS)]
+            styles[label] = {"marker": "D", "color": color, "markerfacecolor": color}
+            ours += 1
+        else:
+            styles[label] = {
+                "marker": _MARKERS[peers % len(_MARKERS)],
+                "color": _PEER_COLORS[peers % len(_PEER_COLORS)],
+                "markerfacecolor": "none",
+            }
+            peers += 1
+    columns = 2 if len(sizes) > 1 else 1
+    rows = math.ceil(len(sizes) / columns)
+    fig, axes_grid = plt.subplots(
+        rows, columns, figsize=(TEXT_WIDTH_IN, 2.6 * rows + 1.3), dpi=110,
+        layout="constrained", squeeze=False,
+    )
+    axes = list(axes_grid.flat)
+    handles: dict[str, Any] = {}
+    for ax, size in zip(axes, sizes):
+        part = measured.xs(size, level=0)
+        for label, row in part.iterrows():
+            (line,) = ax.plot(row["memory (MiB)"], row["× eager"], linestyle="none",
+                              markersize=7, markeredgewidth=1.3, **styles[label])
+            handles.setdefault(label, line)
+        ax.axhline(1.0, color="#555555", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"d, T, V = {size}", fontsize=TITLE_PT)
+        ax.set_xlabel("peak memory, inputs included (MiB)", fontsize=LABEL_PT)
+        ax.set_ylabel("time × eager", fontsize=LABEL_PT)
+        ax.tick_params(labelsize=TICK_PT)
+        ax.grid(True, which="both", alpha=0.3)
+        low, high = part["memory (MiB)"].min(), part["memory (MiB)"].max()
+        ax.set_xlim(low / 1.5, high * 1.5)
+        ax.set_ylim(0, max(1.1, part["× eager"].max() * 1.1))
+    for ax in axes[len(sizes):]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=3,
+               fontsize=LEGEND_PT - 1, frameon=False)
+    return fig
+
+
+def plot_chunk_sweep(table: Any) -> plt.Figure:
+    """Time and memory of the chunked loss over its chunk budget.
+
+    Args:
+        table: ``companion.experiments.loss_memory.sweep_table``'s table
+            (columns ``dtype``, ``budget (MiB)``, ``rows``, ``memory
+            (MiB)``, ``floor (MiB)``, ``time (s)``).
+
+    Returns:
+        The figure, 6.3 in wide, two panels sharing the x axis (budget in
+        MiB, log scale): median time per pass, and peak memory with its
+        floor dashed, one line per dtype.
+    """
+    if len(table) == 0:
+        raise ValueError("table must hold at least one row")
+    fig, (time_ax, memory_ax) = plt.subplots(
+        1, 2, figsize=(TEXT_WIDTH_IN, 3.0), dpi=110, layout="constrained", sharex=True
+    )
+    styles = {"float32": ("#1f77b4", "D"), "bfloat16": ("#2ca02c", "s")}
+    for dtype, part in table.groupby("dtype", sort=False):
+        color, marker = styles.get(dtype, ("#555555", "o"))
+        budgets = part["budget (MiB)"]
+        time_ax.plot(budgets, part["time (s)"], marker=marker, color=color, label=dtype)
+        memory_ax.plot(budgets, part["memory (MiB)"], marker=marker, color=color, label=dtype)
+        memory_ax.plot(budgets, part["floor (MiB)"], linestyle="--", color=color, linewidth=1,
+                       label=f"{dtype} floor")
+    for ax in (time_ax, memory_ax):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sorted(set(table["budget (MiB)"]))))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("chunk budget (MiB)", fontsize=LABEL_PT)
+        ax.tick_params(labelsize=TICK_PT)
+        ax.grid(True, alpha=0.3)
+    time_ax.set_ylim(bottom=0)
+    memory_ax.set_ylim(bottom=0)
+    time_ax.set_ylabel("median time per pass (s)", fontsize=LABEL_PT)
+    memory_ax.set_ylabel("peak memory (MiB)", fontsize=LABEL_PT)
+    time_ax.legend(fontsize=LEGEND_PT, frameon=False)
+    memory_ax.legend(fontsize=LEGEND_PT - 1, frameon=False)
+    return fig

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from hypothesis import given
@@ -21,33 +20,33 @@ from companion.chunked_loss import checkpointed_chunked_loss, chunked_causal_lm_
 from companion.experiments.loss_memory import (
     CHUNKED_VARIANTS,
     LOSS_VARIANTS,
-    TIME_TARGET,
+    MEMORY_FLOOR_FACTOR,
+    accumulation_check,
     agreement_with_references,
-    best_eager,
-    busy_share,
     checkpointed_moments,
-    common_value,
     eager_label_padding_loss,
-    eager_peak_gap,
     eager_shift_and_slice_loss,
     find_record,
     find_results_file,
-    goal_ratio_rows,
+    floor_bytes,
+    goal_report,
+    host_reads,
     kept_logits_peaks,
-    memory_target_report,
+    low_precision_errors,
+    measured,
     memory_timelines,
-    not_run_text,
-    pivot_records,
     results_directory,
-    rss_over_live,
-    time_target_report,
+    side_by_side,
+    sizes_of,
+    sweep_table,
+    torchtune_style_peaks,
     tracked_and_estimated_peaks,
+    tracker_disagreements,
     transformers_causal_lm_loss,
     variant_options,
-    was_not_run,
 )
 from companion.memory import estimate_peak_bytes
-from tests.shared import benchmark_records, loss_problems
+from tests.shared import loss_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK = REPO_ROOT / "benchmarks" / "loss_memory.py"
@@ -122,61 +121,6 @@ def test_bad_chunk_size(variant, chunk_size, error):
         LOSS_VARIANTS[variant](*_good(), chunk_size=chunk_size)
 
 
-def test_memory_target_report_verdicts():
-    met = memory_target_report(benchmark_records(800.0, 200.0))
-    verdicts = [row["verdict"] for row in met]
-    assert verdicts == ["met", "not measured", "not measured"]
-    assert met[0]["ratio"] == pytest.approx(4.0)
-    missed = memory_target_report(benchmark_records(800.0, 201.0))
-    assert missed[0]["verdict"] == "missed"
-
-
-def _skipped(status: str, **extra) -> list[dict]:
-    records = benchmark_records(None, 400.0, time=8192, vocab=128256, status=status)
-    for record in records:
-        if record["status"] != "ok":
-            record.update(estimate_bytes=12 * 2**30, **extra)
-    return records
-
-
-def test_memory_target_report_never_judges_an_estimate():
-    """An eager run skipped on its estimate gives no ratio and no verdict."""
-    records = _skipped(
-        "not_run", needed_bytes=13.5 * 2**30, budget_bytes=8 * 2**30
-    )
-    assert all(was_not_run(r) for r in records if r["status"] != "ok")
-    row = memory_target_report(records)[2]
-    assert row["verdict"] == "eager not run" and row["ratio"] is None
-    assert row["note"] == (
-        "eager not run (estimated 13.5 GiB > budget 8.0 GiB)"
-    )
-    # Older files: status "oom" with "not run" in the detail.
-    legacy = _skipped("oom", detail="estimated 13.5 GiB > 8.0 GiB; not run")
-    assert memory_target_report(legacy)[2]["verdict"] == "eager not run"
-    # An eager run that started and failed to allocate is no estimate.
-    ran = _skipped("oom", detail="can't allocate memory")
-    row = memory_target_report(ran)[2]
-    assert row["verdict"] == "eager out of memory" and row["ratio"] is None
-
-
-def test_not_run_text_names_the_estimate_and_the_budget():
-    record = {"status": "not_run", "estimate_bytes": 2**30}
-    assert not_run_text(record) == "not run (estimated 1.0 GiB > budget)"
-    record.update(needed_bytes=3 * 2**30, budget_bytes=2 * 2**30)
-    assert not_run_text(record) == (
-        "not run (estimated 3.0 GiB > budget 2.0 GiB)"
-    )
-
-
-def test_time_target_report_uses_faster_eager():
-    records = benchmark_records(800.0, 100.0, eager_s=2.0, chunked_s=2.4)
-    records[0]["median_s"] = 1.9  # shift_and_slice is the faster eager formulation
-    (row,) = time_target_report(records)
-    assert row["eager_s"] == 1.9
-    assert row["ratio"] == pytest.approx(2.4 / 1.9)
-    assert row["verdict"] == ("met" if 2.4 / 1.9 <= TIME_TARGET else "missed") == "missed"
-
-
 def test_find_results_file_prefers_full_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no benchmark results"):
         find_results_file(tmp_path)
@@ -188,47 +132,74 @@ def test_find_results_file_prefers_full_run(tmp_path):
 
 def test_committed_results_file_is_complete():
     payload = json.loads(find_results_file(REPO_ROOT / "benchmarks" / "results").read_text())
-    assert {"machine", "libraries", "memory_method", "time_method", "results"} <= set(payload)
+    assert {"machine", "libraries", "method", "passes", "results", "duration_s"} <= set(payload)
     assert payload["libraries"]["torch"].startswith("2.13")
-    variants = {record["variant"] for record in payload["results"]}
-    assert variants == set(LOSS_VARIANTS)
+    assert payload["passes"] >= 5 and payload["machine"]["cpu_flags"]
+    assert {"block", "variant", "status"} <= set(payload["results"][0])
     for record in payload["results"]:
         if record["status"] == "ok":
-            assert record["peak_bytes"] > 0
-            assert len(record["times_s"]) >= 3
+            assert record["peak_bytes"] >= 0 and record["input_bytes"] > 0
+            assert len(record["times_s"]) == payload["passes"]
+            assert record["time_spread_s"][0] <= record["median_s"] <= record["time_spread_s"][1]
+    assert sizes_of(payload["results"], "sweep")
 
 
-def _run_benchmark(*args: str) -> subprocess.CompletedProcess:
+def _run_benchmark(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, check=False, timeout=120
+        [sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, check=False,
+        timeout=timeout,
     )
+
+
+def test_benchmark_quick_path_on_tiny_sizes(tmp_path):
+    """The whole path, parent and workers, in seconds: no timing is asserted."""
+    completed = _run_benchmark(
+        "--quick", "--device", "cpu", "--sizes", "16x24x50",
+        "--variants", "eager", "chunked", "chunked_masked", "liger_fused",
+        "--results-dir", str(tmp_path),
+    )
+    assert completed.returncode == 0, completed.stderr
+    payload = json.loads((tmp_path / "loss_memory_cpu_quick.json").read_text())
+    by_block = {}
+    for record in payload["results"]:
+        by_block.setdefault(record["block"], []).append(record)
+    main = {record["variant"]: record for record in by_block["main"]}
+    assert main["liger_fused"]["status"] == "needs_gpu"
+    for name in ("eager", "chunked", "chunked_masked"):
+        record = main[name]
+        assert record["status"] == "ok", record
+        assert len(record["times_s"]) == 5 and record["peak_tensor_bytes"] > 0
+        assert len(set(record["losses"])) == 1  # the same loss every pass
+    # The chunked and eager losses agree on the same inputs.
+    assert main["chunked"]["losses"][0] == pytest.approx(main["eager"]["losses"][0], rel=1e-5)
+    assert {r["chunk_rows"] for r in by_block["sweep"]} and all(
+        r["status"] == "ok" for r in by_block["sweep"]
+    )
+    assert "pass 5/5 chunked" in completed.stderr  # a progress line per variant and pass
+    assert (tmp_path / "loss_memory_cpu_quick.csv").read_text().startswith("variant,")
 
 
 def test_benchmark_skips_what_its_estimate_says_cannot_fit(tmp_path):
     completed = _run_benchmark(
-        "--quick", "--device", "cpu", "--memory-limit-gib", "0.5",
-        "--results-dir", str(tmp_path),
+        "--device", "cpu", "--sizes", "512x8192x128256", "--variants", "eager",
+        "--no-sweep", "--memory-limit-gib", "0.5", "--results-dir", str(tmp_path),
     )
     assert completed.returncode == 0, completed.stderr
-    payload = json.loads(
-        (tmp_path / "loss_memory_cpu_quick.json").read_text()
-    )
-    assert {record["status"] for record in payload["results"]} == {"not_run"}
-    for record in payload["results"]:
-        assert "peak_bytes" not in record  # an estimate, not a measurement
-        assert record["needed_bytes"] > record["budget_bytes"]
-        assert was_not_run(record)
-    assert "[8/8]" in completed.stderr  # progress is shown on stderr
-    assert (tmp_path / "loss_memory_cpu_quick.csv").read_text().startswith("variant,")
+    (record,) = json.loads((tmp_path / "loss_memory_cpu.json").read_text())["results"]
+    assert record["status"] == "not_run" and "peak_bytes" not in record
+    assert record["needed_bytes"] > record["budget_bytes"]
 
 
 def test_benchmark_worker_turns_allocation_failure_into_oom():
-    completed = _run_benchmark(
-        "--worker", "--variant", "label_padding", "--time", "512", "--vocab", "32000",
-        "--device", "cpu", "--budget-bytes", str(16 * 2**20),
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--worker", "--variant", "eager", "--hidden-size", "64",
+         "--time", "512", "--vocab", "32000", "--device", "cpu",
+         "--budget-bytes", str(16 * 2**20)],
+        input="pass\n", capture_output=True, text=True, check=False, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout.splitlines()[-1])["status"] == "oom"
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert lines[0]["status"] == "ready" and lines[-1]["status"] == "oom"
 
 
 # --------------------------------------------------------------------------
@@ -269,20 +240,17 @@ def test_tracked_and_estimated_peaks_reports_each_variant_in_order():
     assert hidden.grad is None or hidden.grad.shape == hidden.shape
 
 
-def test_memory_timelines_split_forward_from_backward():
-    hidden, weight, labels = _small_problem(time=128, vocab=2000, hidden_size=16)
-    logits_bytes = 128 * 2000 * 4
-    timelines, starts = memory_timelines(hidden, weight, labels, chunk_size=32)
-    assert set(timelines) == set(starts) == set(LOSS_VARIANTS)
-    eager, split = timelines["label_padding"], starts["label_padding"]
-    assert 0 < split < len(eager)
-    # Forward: at most Z and A; the backward pass reaches three tensors.
-    assert max(eager[:split]) < 2.05 * logits_bytes
-    assert max(eager[split:]) > 2.95 * logits_bytes
-    # The chunked Function's backward pass only scales stored gradients.
-    chunked, split = timelines["chunked_function"], starts["chunked_function"]
-    assert max(chunked[split:]) <= chunked[split - 1]
+def test_memory_timelines_have_a_time_for_every_call():
+    hidden, weight, labels = _small_problem(time=64, vocab=500)
+    timelines = memory_timelines(hidden, weight, labels, chunk_size=16)
+    assert list(timelines) == list(LOSS_VARIANTS)
+    for line in timelines.values():
+        assert len(line["bytes"]) == len(line["seconds"]) > 0
+        assert line["seconds"] == sorted(line["seconds"])
+        assert 0 < line["backward_start"] < line["seconds"][-1]
     assert hidden.grad is None and weight.grad is None
+    eager = timelines["label_padding"]["bytes"]
+    assert max(eager) >= 3 * 64 * 500 * 4
 
 
 @pytest.mark.parametrize(
@@ -433,103 +401,138 @@ def test_results_directory_walks_up(tmp_path):
         results_directory(None)
 
 
-def _sized_records() -> list[dict]:
-    """Two sizes at V = 32000 and one at 128256, every value distinct."""
-    records = []
-    for time, vocab, scale in ((512, 32000, 1), (2048, 32000, 4), (512, 128256, 3)):
-        rows = benchmark_records(900.0 * scale, 100.0 * scale, eager_s=2.0 * scale, chunked_s=1.0 * scale, time=time, vocab=vocab)
-        for row in rows:
-            row["peak_tensor_bytes"] = 0.9 * row["peak_bytes"]
-            row["median_cpu_s"] = 1.5 * row["median_s"]
-            row["batch"] = 1
-        rows[0]["peak_bytes"] += 9.0 * scale  # shift_and_slice: 1 % more than label_padding
-        rows[1]["median_s"] -= 0.5 * scale  # label_padding: the faster eager one
-        records += rows
-    return records
+def _record(variant, size=(512, 2048, 32000), status="ok", **values):
+    hidden_size, time, vocab = size
+    record = {
+        "variant": variant, "hidden_size": hidden_size, "time": time, "vocab": vocab,
+        "batch": 1, "dtype": "bfloat16" if "bf16" in variant else "float32",
+        "status": status, "block": values.pop("block", "main"), "label": variant,
+    }
+    if status == "ok":
+        record.update(
+            input_bytes=1000, peak_bytes=100, median_s=1.0, median_cpu_s=2.0,
+            time_spread_s=[0.9, 1.2], median_minor_faults=3000, peak_tensor_bytes=100,
+        )
+    record.update(values)
+    return record
 
 
-def test_find_record_and_best_eager():
-    records = _sized_records()
-    record = find_record(records, "chunked_function", 2048, 32000)
-    assert record["peak_bytes"] == 400.0
-    assert find_record(records, "chunked_function", 4096, 32000) is None
-    # The better eager formulation: the smaller peak, the shorter time.
-    assert best_eager(records, 2048, 32000, "peak_bytes") == 3600.0
-    assert best_eager(records, 2048, 32000, "median_s") == 6.0
-    records[1]["status"] = "oom"  # label_padding at 512, 32000 not measured
-    assert best_eager(records, 512, 32000, "peak_bytes") == 909.0
-    records[0]["status"] = "not_run"
-    assert best_eager(records, 512, 32000, "peak_bytes") is None
-    with pytest.raises(ValueError, match="at most one"):
-        find_record(records + records[:1], "shift_and_slice", 512, 32000)
-    with pytest.raises(TypeError, match=r"records\[0\] must be a dict"):
-        find_record([("shift_and_slice", 512, 32000)], "shift_and_slice", 512, 32000)
+def test_find_record_measured_and_sizes():
+    records = [_record("eager"), _record("eager", (512, 8192, 128256)),
+               _record("chunked", status="needs_gpu"), _record("chunked", block="sweep")]
+    assert sizes_of(records) == [(512, 2048, 32000), (512, 8192, 128256)]
+    assert sizes_of(records, "sweep") == [(512, 2048, 32000)]
+    assert find_record(records, "eager", (512, 8192, 128256)) is records[1]
+    assert find_record(records, "chunked", (512, 2048, 32000)) is records[2]
+    assert not measured(records[2]) and measured(records[0]) and not measured(None)
+    assert find_record(records, "eager", (1, 2, 3)) is None
+    with pytest.raises(ValueError, match="expected at most one"):
+        find_record(records + [_record("eager")], "eager", (512, 2048, 32000))
 
 
-def test_common_value():
-    records = _sized_records()
-    assert common_value(records, "batch") == 1
-    with pytest.raises(ValueError, match="share one value of 'time'"):
-        common_value(records, "time")
-    with pytest.raises(ValueError, match="share one value"):
-        common_value([], "batch")
+def test_floor_bytes_counts_inputs_gradients_block_and_the_float32_sum():
+    record = _record("chunked", (4, 10, 100), chunk_bytes=400, chunk_rows=1)
+    assert floor_bytes(record) == 2 * (10 + 100) * 4 * 4 + 400
+    # a chunk of 20 rows when only 9 positions are scored: 9 rows
+    wide = _record("chunked", (4, 10, 100), chunk_bytes=20 * 400, chunk_rows=20)
+    assert floor_bytes(wide) == 2 * (10 + 100) * 4 * 4 + 9 * 400
+    masked = _record("chunked", (4, 10, 100), chunk_bytes=20 * 400, chunk_rows=20, masked=0.5)
+    assert floor_bytes(masked) == 2 * (10 + 100) * 4 * 4 + 5 * 400
+    bf16 = _record("chunked_bf16", (4, 10, 100), chunk_bytes=400, chunk_rows=1)
+    # inputs, hidden gradient, float32 sum, and the larger of block and weight gradient
+    assert floor_bytes(bf16) == (10 + 100) * 4 * 2 + 10 * 4 * 2 + 4 * 100 * 4 + max(400, 100 * 4 * 2)
+    big_block = _record("chunked_bf16", (4, 10, 100), chunk_bytes=5000, chunk_rows=1)
+    assert floor_bytes(big_block) == (10 + 100) * 4 * 2 + 10 * 4 * 2 + 4 * 100 * 4 + 5000
 
 
-def test_pivot_records_layout_and_values():
-    records = _sized_records()
-    records[6]["status"] = "oom"  # checkpointed at 2048, 32000
-    table = pivot_records(records, "peak_bytes", scale=100.0, labels={"chunked_function": "Function"})
-    assert list(table.index) == [512, 2048]
-    assert list(table.columns) == [
-        (32000, "shift_and_slice"), (32000, "label_padding"), (32000, "checkpointed_chunks"), (32000, "Function"),
-        (128256, "shift_and_slice"), (128256, "label_padding"), (128256, "checkpointed_chunks"), (128256, "Function"),
+def test_goal_report_verdicts():
+    size = (4, 10, 100)
+    floor = 2 * (10 + 100) * 4 * 4 + 400
+    records = [
+        _record("eager", size, median_s=2.0, median_cpu_s=4.0),
+        _record("compiled_eager", size, median_s=1.0, median_cpu_s=2.0),
+        # memory exactly at the goal; faster than eager, slower than compile
+        _record("chunked", size, chunk_bytes=400, chunk_rows=1, input_bytes=0,
+                peak_bytes=MEMORY_FLOOR_FACTOR * floor, median_s=1.5, median_cpu_s=3.0),
+        _record("chunked_masked", size, chunk_bytes=400, chunk_rows=1, median_s=0.9),
     ]
-    assert str(table.dtypes.iloc[0]) == "Int64"
-    assert table.loc[512, (32000, "shift_and_slice")] == 9  # 909 / 100, rounded
-    assert table.loc[2048, (32000, "Function")] == 4
-    assert table.loc[2048, (32000, "checkpointed_chunks")] is pd.NA
-    assert table.loc[2048, (128256, "Function")] is pd.NA  # no such record
-    times = pivot_records(records, "median_s", digits=2)
-    assert times.loc[2048, (32000, "label_padding")] == pytest.approx(6.0)
-    with pytest.raises(ValueError, match="scale must be"):
-        pivot_records(records, "median_s", scale=0)
-    with pytest.raises(ValueError, match="not in LOSS_VARIANTS"):
-        pivot_records([dict(records[0], variant="fused")], "median_s")
+    report = {(row["goal"], row["variant"]): row for row in goal_report(records)}
+    assert report[("memory", "chunked")]["met"]
+    assert report[("faster than eager", "chunked")]["ratio"] == pytest.approx(0.75)
+    assert report[("faster than eager", "chunked")]["met"]
+    assert not report[("no slower than compile", "chunked")]["met"]
+    assert report[("no slower than compile", "chunked")]["cpu_ratio"] == pytest.approx(1.5)
+    assert report[("masked", "chunked_masked")]["ratio"] == pytest.approx(0.6)
+    assert report[("masked", "chunked_masked")]["met"]
+    assert ("bfloat16", "chunked_bf16") not in report  # not measured: not judged
+    assert ("0.6 × eager", "chunked") not in report  # only at the goal's size
 
 
-def test_eager_peak_gap_and_rss_over_live():
-    records = _sized_records()
-    assert eager_peak_gap(records) == pytest.approx(0.01)
-    ratios = rss_over_live(records, "chunked_function", 32000)
-    assert ratios == {512: pytest.approx(1 / 0.9), 2048: pytest.approx(1 / 0.9)}
-    records[3]["status"] = "oom"
-    assert set(rss_over_live(records, "chunked_function", 32000)) == {2048}
-    with pytest.raises(ValueError, match="no size where both"):
-        eager_peak_gap([r for r in records if r["variant"] != "label_padding"])
+def test_side_by_side_and_tracker_disagreements():
+    records = [_record("eager", median_s=2.0), _record("chunked", tracker_disagrees=True),
+               _record("liger_fused", status="needs_gpu")]
+    table = side_by_side(records, ["eager", "chunked", "liger_fused"], {"chunked": "ours"})
+    assert list(table.index.get_level_values(1)) == ["eager", "ours", "liger_fused"]
+    assert table.loc[("512, 2048, 32000", "ours"), "× eager"] == pytest.approx(0.5)
+    assert table.loc[("512, 2048, 32000", "liger_fused"), "status"] == "needs_gpu"
+    assert math.isnan(table.loc[("512, 2048, 32000", "liger_fused"), "time (s)"])
+    assert tracker_disagreements(records) == [records[1]]
 
 
-def test_busy_share():
-    record = {"median_s": 2.0, "median_cpu_s": 3.0}
-    assert busy_share(record, 2) == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="threads"):
-        busy_share(record, 0)
-    with pytest.raises(TypeError, match="record must be a dict"):
-        busy_share([2.0, 3.0], 2)
+def test_sweep_table_sorts_by_dtype_and_budget():
+    sweep = [
+        _record("chunked_64mib", (4, 10, 100), block="sweep", chunk_budget_bytes=64 * 2**20,
+                chunk_rows=8, chunk_bytes=3200),
+        _record("chunked_16mib", (4, 10, 100), block="sweep", chunk_budget_bytes=16 * 2**20,
+                chunk_rows=2, chunk_bytes=800),
+    ]
+    table = sweep_table(sweep + [_record("eager")])
+    assert list(table["budget (MiB)"]) == [16, 64] and list(table["rows"]) == [2, 8]
+    with pytest.raises(ValueError, match="no measured record of the chunk-budget sweep"):
+        sweep_table([_record("eager")])
 
 
-def test_goal_ratio_rows():
-    records = _sized_records()
-    rows = goal_ratio_rows(records)
-    assert [(row["T"], row["V"]) for row in rows] == [(512, 32000), (2048, 32000), (512, 128256)]
-    middle = rows[1]
-    assert middle["goal"] == "≥ 4" and rows[0]["goal"] == ""
-    assert middle["memory"] == pytest.approx(3600.0 / 400.0)
-    assert middle["live"] == pytest.approx(3600.0 / 400.0)
-    assert middle["time"] == pytest.approx(4.0 / 6.0)  # the faster eager one
-    assert middle["CPU"] == pytest.approx(6.0 / 12.0)  # CPU: 1.5 x 4, 1.5 x 8
-    # A size where the chunked Function did not run has no row.
-    records[11]["status"] = "oom"
-    assert len(goal_ratio_rows(records)) == 2
+def test_host_reads_counts_what_would_wait_for_a_gpu():
+    hidden, weight, labels = _small_problem()
+    assert host_reads(chunked_causal_lm_loss, hidden, weight, labels, validate=False) == {"nonzero": 1}
+    assert host_reads(eager_label_padding_loss, hidden, weight, labels)["_local_scalar_dense"] >= 2
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        host_reads(None, hidden, weight, labels)
+
+
+def test_low_precision_errors_rows_and_bounds():
+    hidden, weight, labels = _small_problem(time=96, vocab=800, hidden_size=32)
+    rows = {row["route"]: row for row in low_precision_errors(hidden, weight, labels, chunk_size=20)}
+    assert set(rows) == {"chunked", "transformers eager", "float64 rounded"}
+    assert rows["float64 rounded"]["loss"] == 0
+    for row in rows.values():
+        assert row["loss"] < 2e-3 and row["hidden"] < 2.0**-8 and row["weight"] < 2.0**-8
+    with pytest.raises(ValueError, match="dtype must be narrower than float32"):
+        low_precision_errors(hidden, weight, labels, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        low_precision_errors(hidden, weight, labels, dtype="bfloat16")
+
+
+def test_accumulation_check_matches_eager_and_saves_a_gradient():
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 40, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(60, 8, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 60, (3, 40), generator=generator)
+    result = accumulation_check(hidden, weight, labels, micro_batches=3, chunk_size=9)
+    assert result["difference"] < 1e-12
+    first, *later = result["peaks"]
+    assert all(first - peak == result["weight_grad_bytes"] == 60 * 8 * 8 for peak in later)
+    with pytest.raises(ValueError, match="micro_batches must be >= 2 and divide"):
+        accumulation_check(hidden, weight, labels, micro_batches=2)
+
+
+def test_torchtune_style_peaks_hold_a_whole_float32_tensor_after_forward():
+    hidden, weight, labels = _small_problem(time=128, vocab=1000, hidden_size=16)
+    peaks = torchtune_style_peaks(hidden, weight, labels, num_output_chunks=8)
+    assert round(peaks["after_forward"], 3) == 1.5  # bfloat16 chunks + float32 log-probs
+    assert round(peaks["peak"], 3) == 1.75
+    one_chunk = torchtune_style_peaks(hidden, weight, labels, num_output_chunks=1)
+    assert round(one_chunk["peak"], 3) == 3.5  # the unchunked loss, for comparison
 
 
 @pytest.mark.parametrize("measure", [tracked_and_estimated_peaks, memory_timelines])
@@ -543,3 +546,48 @@ def test_small_measurements_check_their_inputs_first(measure):
         measure(hidden, weight, labels, chunk_size=0)
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
         kept_logits_peaks(hidden.detach().numpy(), weight, labels, torch.float32)
+
+
+# --------------------------------------------------------------------------
+# What the chapter says of the peers' sources, against the pinned releases
+# (in .bench-deps, which `make benchmark` installs; skipped without it)
+# --------------------------------------------------------------------------
+
+BENCH_DEPS = REPO_ROOT / ".bench-deps"
+
+
+def _peer_source(path: str) -> str:
+    file = BENCH_DEPS / path
+    if not file.is_file():
+        pytest.skip(f"{file} is installed by `make benchmark`")
+    return file.read_text()
+
+
+def test_liger_fused_linear_cross_entropy_is_pytorch_around_one_triton_kernel():
+    source = _peer_source("liger_kernel/ops/fused_linear_cross_entropy.py")
+    assert (BENCH_DEPS / "liger_kernel-0.8.5.dist-info").is_dir()
+    # The per-row loss-and-gradient step is the Triton kernel, launched over a chunk's rows ...
+    assert "liger_cross_entropy_kernel[(end_idx - start_idx,)](" in source
+    # ... the chunk loop and the products are PyTorch, in the input's dtype ...
+    assert "for chunk_id in range(num_chunks):" in source
+    assert "torch.mm(_input_chunk, weight.t(), out=logits_chunk)" in source
+    assert "torch.mm(grad_logits_chunk, weight, out=grad_input[start_idx:end_idx])" in source
+    # ... the weight gradient's sum has the parameter's dtype unless accum_dtype is set ...
+    assert "if accum_dtype is None:\n            grad_weight = torch.zeros_like(weight, device=device)" in source
+    # ... every row is multiplied, and the count of scored targets is read with .item().
+    assert "grad_input = torch.zeros_like(_input, device=device)" in source
+    assert "total_n_non_ignore = target_mask.sum().item()" in source
+
+
+def test_cut_cross_entropy_cpu_path_is_torch_compile_of_the_eager_loss():
+    source = _peer_source("cut_cross_entropy/torch_compile.py")
+    assert "@torch.compile(fullgraph=True, dynamic=True)" in source
+    assert "logits = e @ c.T" in source
+    assert "F.cross_entropy(logits.float(), targets" in source
+    assert "e = e[valids]" in source  # the ignored positions are dropped first
+
+
+def test_torchtune_chunked_loss_upcasts_chunk_by_chunk():
+    source = _peer_source("torchtune/modules/loss/ce_chunked_output_loss.py")
+    assert "logits.float(), labels, ignore_index=self.ignore_index, reduction=\"sum\"" in source
+    assert "for logits_chunk, labels_chunk in zip(logits, labels):" in source

@@ -1,90 +1,84 @@
-"""Tests of companion.plots.loss_memory."""
+"""Tests of companion.plots.loss_memory: what each figure of chapter 6 shows."""
 
 from __future__ import annotations
 
+import matplotlib
+import pandas as pd
 import pytest
 
-from companion.experiments.loss_memory import LOSS_VARIANTS
-from tests.shared import benchmark_records
+matplotlib.use("Agg")
+
+from companion.plots.loss_memory import (  # noqa: E402
+    plot_chunk_sweep,
+    plot_live_memory_timeline,
+    plot_side_by_side,
+)
 
 
-# --------------------------------------------------------------------------
-# Figures
-# --------------------------------------------------------------------------
+def _timeline(levels, backward_at):
+    return {
+        "bytes": [level * 100 for level in levels],
+        "seconds": [0.001 * (i + 1) for i in range(len(levels))],
+        "backward_start": backward_at,
+    }
 
 
-def test_plot_peak_memory_draws_one_line_per_variant_and_marks_oom():
-    from companion.plots.loss_memory import plot_peak_memory
-
-    records = []
-    for vocab in (32000, 128256):
-        for time in (512, 2048):
-            records += benchmark_records(3.0 * time * vocab * 4, 1e8, time=time, vocab=vocab)
-    for record in records:
-        record["estimate_bytes"] = 1e9
-    records[0]["status"] = "oom"
-    fig = plot_peak_memory(records)
-    axes = fig.axes
-    assert len(axes) == 2
-    assert fig.get_figwidth() == pytest.approx(6.3)
-    assert axes[0].get_yscale() == "log" and axes[0].get_xscale() == "log"
-    assert axes[0].get_ylabel() == "peak RSS growth (MiB)"
-    assert "tokens" in axes[0].get_xlabel()
-    drawn = [line for line in axes[1].get_lines() if line.get_marker() != "x"]
-    assert len(drawn) == len(LOSS_VARIANTS)
-    (legend,) = fig.legends  # below the panels, for both
-    texts = [text.get_text() for text in legend.get_texts()]
-    assert len(texts) == len(LOSS_VARIANTS) + 1
-    assert "out of memory" in texts[-1]
-    assert min(text.get_fontsize() for text in legend.get_texts()) >= 9
-    crosses = [line for line in axes[0].get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
-    assert len(crosses) == 1
-
-
-def test_plot_live_memory_timeline_in_logits_units():
-    from companion.plots.loss_memory import plot_live_memory_timeline
-
-    fig = plot_live_memory_timeline(
-        {"label_padding": [0, 100, 300, 100], "chunked_function": [0, 30]},
-        100,
-    )
-    (ax,) = fig.axes
-    assert max(ax.get_lines()[0].get_ydata()) == 3.0
-    assert "logits" in ax.get_ylabel()
-    with pytest.raises(ValueError, match="logits_bytes"):
+def test_plot_live_memory_timeline_against_time_in_logits_units():
+    timelines = {
+        "label_padding": _timeline([1, 2, 1, 2, 3, 1], 0.0035),
+        "chunked_function": _timeline([0.2, 0.3, 0.3], 0.0025),
+    }
+    fig = plot_live_memory_timeline(timelines, 100)
+    ax = fig.axes[0]
+    assert "ms" in ax.get_xlabel() and "× one logits" in ax.get_ylabel()
+    steps = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
+    assert max(steps[0].get_ydata()) == 3  # units of one logits tensor
+    assert max(steps[0].get_xdata()) == pytest.approx(6.0)  # milliseconds
+    texts = {text.get_text() for text in ax.texts}
+    assert {"Z, A", "A, ∂L/∂A, G", "G"} <= texts
+    with pytest.raises(ValueError, match="logits_bytes must be > 0"):
         plot_live_memory_timeline({}, 0)
 
 
-def test_peak_memory_axis_has_labelled_ticks_within_one_decade():
-    from companion.plots.loss_memory import plot_peak_memory
-
-    records = benchmark_records(700 * 2**20, 120 * 2**20)
-    for record in records:
-        record["estimate_bytes"] = 1.0
-    fig = plot_peak_memory(records)
-    fig.canvas.draw()
-    ax = fig.axes[0]
-    low, high = ax.get_ylim()
-    labels = [tick.get_text() for tick in ax.get_yticklabels() if low <= tick.get_position()[1] <= high]
-    assert {"100", "200", "500"} <= set(labels)  # a tick below the data
-    assert min(t.get_fontsize() for t in ax.get_yticklabels()) >= 9
+def _table():
+    rows = [
+        ("4, 10, 100", "eager", 300.0, 1.0),
+        ("4, 10, 100", "chunked", 100.0, 0.6),
+        ("4, 10, 100", "liger", float("nan"), float("nan")),
+        ("8, 10, 100", "eager", 600.0, 1.0),
+    ]
+    return pd.DataFrame(
+        [{"size": s, "variant": v, "memory (MiB)": m, "× eager": t} for s, v, m, t in rows]
+    ).set_index(["size", "variant"])
 
 
-def test_plot_live_memory_timeline_marks_passes_and_buffers():
-    from companion.plots.loss_memory import plot_live_memory_timeline
+def test_plot_side_by_side_one_panel_per_size_skipping_unmeasured():
+    fig = plot_side_by_side(_table(), highlight=["chunked"])
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 2
+    legend = {text.get_text() for text in fig.legends[0].get_texts()}
+    assert legend == {"eager", "chunked"}  # the unmeasured row is left out
+    assert len(visible[0].get_lines()) == 3  # two points and the eager line
+    assert visible[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="at least one measured row"):
+        plot_side_by_side(_table().iloc[2:3])
 
-    # Z; Z and A; A (forward ends); A and dL/dA; all three; G; G and grads.
-    eager = [100, 200, 100, 200, 300, 100, 110]
-    fig = plot_live_memory_timeline(
-        {"label_padding": eager, "chunked_function": [50, 60, 60]},
-        100,
-        backward_starts={"label_padding": 3, "chunked_function": 2},
+
+def test_plot_chunk_sweep_two_panels_with_floors():
+    table = pd.DataFrame(
+        {
+            "dtype": ["float32", "float32", "bfloat16", "bfloat16"],
+            "budget (MiB)": [16, 64, 16, 64],
+            "rows": [4, 16, 3, 12],
+            "memory (MiB)": [100.0, 150.0, 90.0, 130.0],
+            "floor (MiB)": [98.0, 148.0, 88.0, 128.0],
+            "time (s)": [2.0, 1.0, 1.0, 0.5],
+            "CPU (s)": [4.0, 2.0, 2.0, 1.0],
+        }
     )
-    (ax,) = fig.axes
-    assert fig.get_figwidth() == pytest.approx(6.3)
-    assert ax.get_title()
-    texts = {text.get_text() for text in ax.texts}
-    assert {"forward", "backward"} <= texts
-    assert {"Z", "Z, A", "A", "A, ∂L/∂A", "A, ∂L/∂A, G", "G"} <= texts
-    xs = ax.get_lines()[0].get_xdata()
-    assert max(xs[:3]) < 0.5 <= min(xs[3:])  # forward left, backward right
+    fig = plot_chunk_sweep(table)
+    time_ax, memory_ax = fig.axes
+    assert len(time_ax.get_lines()) == 2 and len(memory_ax.get_lines()) == 4
+    assert "budget" in time_ax.get_xlabel() and "time" in time_ax.get_ylabel()
+    with pytest.raises(ValueError, match="at least one row"):
+        plot_chunk_sweep(table.iloc[:0])
