@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history pdf
+.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ book: $(STAMP)
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
 unit: $(STAMP) $(HISTORY)
-	$(BIN)/python -m pytest tests --ignore=tests/site --ignore=tests/pdf
+	$(BIN)/python -m pytest tests --ignore=tests/site
 
 # The built site in headless Chromium (skipped, with the reason, when no
 # Chromium is installed; required under CI).
@@ -97,15 +97,6 @@ lab: $(STAMP)
 
 lab-source: $(STAMP)
 	$(BIN)/jupyter lab book/
-
-# The whole book as one PDF, _build/book.pdf (XeLaTeX: Debian's
-# texlive-xetex, texlive-latex-extra, texlive-fonts-recommended, latexmk,
-# fonts-freefont-otf and poppler-utils; see README), then its checks.
-pdf: $(STAMP)
-	rm -rf _build/pdf
-	$(BIN)/jupyter-book build . --builder pdflatex --path-output _build/pdf
-	cp _build/pdf/_build/latex/book.pdf _build/book.pdf
-	$(BIN)/python -m pytest tests/pdf -q
 
 clean:
 	rm -rf _build .pytest_cache .hypothesis
