@@ -4,6 +4,9 @@
 #               and the built site checked in headless Chromium
 # Optional: make test-portable   strict nbval again under other CPU kernels,
 #               one thread, and offline (see tests/portability.sh)
+#           make slides   rebuild the chapter decks (make book builds them too)
+#           make pdf      the book as one PDF (installs TeX Live from Debian)
+#           make student  the student edition: site and notebooks, no solutions
 # Both create .venv and install the pinned requirements when needed.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -18,7 +21,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history
+.PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history slides pdf student
 
 $(STAMP): requirements.txt requirements-no-deps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +40,44 @@ $(HISTORY): $(STAMP) companion/experiments/history.py
 
 history: $(HISTORY)
 
-book: $(STAMP)
+# reveal.js for the slides, from PyPI (see tools/slides.py), once.
+REVEAL := .slides-deps/revealjs/dist/reveal.js
+$(REVEAL): $(STAMP)
+	$(BIN)/python tools/slides.py --fetch .slides-deps/revealjs
+
+book: $(STAMP) $(REVEAL)
 	rm -rf _build
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+	$(BIN)/python tools/slides.py _build/html/slides .slides-deps/revealjs
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
+# The chapter decks alone, into the built site (after `make book`).
+slides: $(STAMP) $(REVEAL)
+	@test -f _build/html/index.html || { echo "run make book first"; exit 1; }
+	$(BIN)/python tools/slides.py _build/html/slides .slides-deps/revealjs
+
+# The whole book as one PDF through XeLaTeX: _build/book.pdf, also copied
+# into the site (_build/html/book.pdf, which every page links) when the site
+# is built.  Installs TeX Live from Debian when it is missing, then checks
+# the PDF (tests/pdf).
+pdf: $(STAMP)
+	bash tools/system_packages.sh pdf
+	$(BIN)/python -m companion.plots.pipeline book/images/pipeline.pdf
+	rm -rf _build/pdf
+	$(BIN)/jupyter-book build . --builder pdflatex --path-output _build/pdf
+	cp _build/pdf/_build/latex/book.pdf _build/book.pdf
+	if [ -d _build/html ]; then cp _build/book.pdf _build/html/book.pdf; fi
+	$(BIN)/python -m pytest tests/pdf -q -rs -s
+
+# The student edition: the site (_build/student/html) and the notebooks
+# (_build/student/notebooks) with every solution removed; then checked
+# (tests/student).  The full edition keeps the solutions, tested as ever.
+student: $(STAMP) $(REVEAL)
+	$(BIN)/python tools/student_edition.py _build/student
+	$(BIN)/python -m pytest tests/student -q
+
 unit: $(STAMP) $(HISTORY)
-	$(BIN)/python -m pytest tests --ignore=tests/site
+	$(BIN)/python -m pytest tests --ignore=tests/site --ignore=tests/pdf --ignore=tests/student
 
 # The built site in headless Chromium (skipped, with the reason, when no
 # Chromium is installed; required under CI).

@@ -1,4 +1,5 @@
-"""Two fixes to the HTML that Jupyter Book 1's stack produces.
+"""Two fixes to the HTML that Jupyter Book 1's stack produces, and the
+links to the course material.
 
 Both would show as JavaScript console errors for every reader (the browser
 test in tests/site checks that there are none):
@@ -11,10 +12,16 @@ test in tests/site checks that there are none):
 * pydata-sphinx-theme writes ``localStorage.mode || default_mode`` into the
   page; with no ``default_mode`` set, a first visit gets an empty mode and the
   theme logs "Got invalid theme mode".  ``auto`` follows the reader's system.
+
+Every page of the book also opens with a small bar of links: the PDF of the
+whole book (``book.pdf`` at the site's root, written by ``make pdf``) and,
+on a chapter, the chapter's slides (``slides/NN_topic.slides.html``,
+written by ``make book`` / ``make slides``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -41,9 +48,34 @@ def _drop_duplicate_scripts(app: Any, pagename: str, templatename: str, context:
     scripts[:] = unique
 
 
+def _course_links(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    if "body" not in context or not pagename.startswith("book/"):
+        return
+    prefix = "../" * pagename.count("/")
+    links = []
+    if app.config.course_kit_pdf:
+        links.append(
+            f'<a class="course-kit-pdf" href="{prefix}book.pdf" download>'
+            '<i class="fas fa-file-pdf" aria-hidden="true"></i> The book as PDF</a>'
+        )
+    chapter = re.fullmatch(r"book/(\d\d_\w+)", pagename)
+    if chapter:
+        links.append(
+            f'<a class="course-kit-slides" href="{prefix}slides/{chapter[1]}.slides.html">'
+            '<i class="fas fa-chalkboard" aria-hidden="true"></i> This chapter as slides</a>'
+        )
+    if not links:
+        return
+    bar = '<nav class="course-kit" aria-label="Course material">' + "".join(links) + "</nav>"
+    context["body"] = bar + context["body"]
+
+
 def setup(app: Any) -> dict[str, Any]:
+    # the student edition has no PDF (it would hold the solutions)
+    app.add_config_value("course_kit_pdf", True, "html")
     app.connect("config-inited", _default_mode)
     # Early: html-page-context is emitted with emit_firstresult, and a theme's
     # handler that returns a template name ends the chain.
     app.connect("html-page-context", _drop_duplicate_scripts, priority=100)
+    app.connect("html-page-context", _course_links, priority=100)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -222,11 +222,29 @@ def pipeline_svg() -> str:
     return buffer.getvalue()
 
 
+def pipeline_pdf() -> bytes:
+    """:func:`plot_pipeline` as a PDF (for the book's LaTeX/PDF edition).
+
+    Fonts are embedded as Type 42 subsets; the creation date is left out,
+    so the bytes depend only on this module and on matplotlib.
+    """
+    buffer = io.BytesIO()
+    with plt.style.context("default"), plt.rc_context({"pdf.fonttype": 42}):
+        fig = plot_pipeline()
+        fig.savefig(buffer, format="pdf", metadata={"CreationDate": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m companion.plots.pipeline OUTPUT.svg", file=sys.stderr)
+    if len(argv) != 1 or Path(argv[0]).suffix not in (".svg", ".pdf"):
+        print("usage: python -m companion.plots.pipeline OUTPUT.svg|OUTPUT.pdf", file=sys.stderr)
         return 2
-    Path(argv[0]).write_text(pipeline_svg(), encoding="utf-8")
+    target = Path(argv[0])
+    if target.suffix == ".pdf":
+        target.write_bytes(pipeline_pdf())
+    else:
+        target.write_text(pipeline_svg(), encoding="utf-8")
     return 0
 
 

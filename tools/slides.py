@@ -1,0 +1,412 @@
+"""Reveal.js slide decks generated from the chapter notebooks.
+
+Each chapter's deck is made from the chapter notebook itself, so a deck can
+never drift from the chapter: every cell carries Jupyter's standard
+``slideshow`` metadata (``slide``, ``subslide``, ``fragment``, ``notes``,
+``skip``), which JupyterLab shows in its property inspector and which an
+instructor may change.  ``--assign`` writes a first choice into cells that
+have none (the rules are in :func:`default_slide_type`); the build then
+
+* resolves the book's roles (glued numbers, citations, cross-references)
+  as ``make lab`` does (``tools/lab_notebooks.py``);
+* drops the ``skip`` cells (every check cell, tagged ``hide-cell``, and
+  the exercises, which are listed on one closing slide by title and
+  difficulty instead);
+* keeps, of a long markdown cell that opens a slide, the heading and the
+  lead paragraph on the slide and moves the rest into the speaker notes
+  (press ``s`` in a deck);
+* shows figures and tables without the code that drew them;
+* renders with nbconvert's reveal template, with reveal.js (from the npm
+  registry, fetched at install time) and MathJax 3 (the site's copy) next
+  to the decks, so a deck needs no network.
+
+Usage::
+
+    python tools/slides.py --assign            # add missing metadata in book/
+    python tools/slides.py --fetch REVEAL_DIR  # reveal.js, from PyPI (install time)
+    python tools/slides.py OUT_DIR REVEAL_DIR  # build every deck into OUT_DIR
+
+reveal.js itself comes from PyPI: the wheel of ``sphinx-revealjs`` (pinned
+below) carries reveal.js's distribution files; ``--fetch`` downloads that
+wheel with pip and unpacks only them.  Nothing else of the package is used
+or installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lab_notebooks  # noqa: E402  (tools/ is not a package)
+
+CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+TEMPLATE_DIR = Path(__file__).resolve().parent / "slides_template"
+WIDTH, HEIGHT = 1280, 720
+SLIDE_TYPES = ("slide", "subslide", "fragment", "notes", "skip", "-")
+CHECK_TAGS = {"hide-cell", "remove-cell", "remove-input"}
+HEADING = re.compile(r"^(#{1,3}) ", re.M)
+EXERCISE_START = re.compile(r"^```\{exercise-start\}[ \t]*([^\n]*)\n((?::[\w-]+:[^\n]*\n)*)```", re.M)
+DIFFICULTY = re.compile(r"\*\*Difficulty:\*\*\s*(easy|medium|hard)")
+KIND = re.compile(r"\*\*Kind:\*\*\s*([^\n·]+)")
+REVEAL_WHEEL = "sphinx-revealjs==3.2.1"  # carries reveal.js 5.2.0 (MIT)
+MAX_CODE_LINES = 14  # a visible code cell with its output, shown on a slide
+MAX_TABLE_ROWS = 20  # a table (or a figure, counted as 20) shown on a slide
+
+
+def slide_type(cell: nbformat.NotebookNode) -> str | None:
+    return cell.metadata.get("slideshow", {}).get("slide_type")
+
+
+def _output_lines(cell: nbformat.NotebookNode) -> int:
+    lines = 0
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            lines += output.get("text", "").count("\n")
+        elif "data" in output:
+            data = output["data"]
+            if "image/png" in data or "image/svg+xml" in data:
+                lines += 20
+            elif "text/html" in data:
+                lines += data["text/html"].count("<tr")
+            else:
+                lines += data.get("text/plain", "").count("\n") + 1
+    return lines
+
+
+def _only_imports(source: str) -> bool:
+    """True for an empty cell or one that only imports (set-up, not content)."""
+    import ast
+
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return False
+    return all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in body)
+
+
+def _has_figure_or_table(cell: nbformat.NotebookNode) -> bool:
+    return any(
+        key in output.get("data", {})
+        for output in cell.get("outputs", [])
+        for key in ("image/png", "image/svg+xml", "text/html")
+    )
+
+
+def default_slide_type(cell: nbformat.NotebookNode, in_exercises: bool) -> str:
+    """The first choice of a cell's slide type (an instructor may change it).
+
+    Titles and ``##`` sections open a slide, ``###`` sections a sub-slide;
+    short markdown with display math gets a sub-slide of its own, other
+    prose goes to the speaker notes.  Check cells are skipped; figures and
+    tables get a sub-slide (without their code); a short visible code cell
+    gets a sub-slide with its output; longer code is skipped.  The
+    exercises are skipped (the deck lists them on one slide).
+    """
+    tags = set(cell.metadata.get("tags", []))
+    if cell.cell_type == "markdown":
+        heading = HEADING.search(cell.source)
+        if heading and cell.source.lstrip().startswith("#"):
+            level = len(heading[1])
+            if in_exercises and not cell.source.lstrip().startswith("## Exercises"):
+                return "skip"
+            return "subslide" if level == 3 else "slide"
+        if in_exercises:
+            return "skip"
+        if "$$" in cell.source and cell.source.count("\n") <= 12:
+            return "subslide"
+        return "notes"
+    if cell.cell_type != "code" or in_exercises or tags & CHECK_TAGS or _only_imports(cell.source):
+        return "skip"
+    rows = _output_lines(cell)
+    if "hide-input" in tags:
+        return "subslide" if _has_figure_or_table(cell) and rows <= MAX_TABLE_ROWS else "skip"
+    if _has_figure_or_table(cell):
+        return "subslide" if rows <= MAX_TABLE_ROWS else "skip"
+    return "subslide" if cell.source.count("\n") + 1 + rows <= MAX_CODE_LINES else "skip"
+
+
+def _exercise_section_starts(cells: list) -> int:
+    for index, cell in enumerate(cells):
+        if cell.cell_type == "markdown" and (
+            cell.source.lstrip().startswith("## Exercises") or EXERCISE_START.search(cell.source)
+        ):
+            return index
+    return len(cells)
+
+
+def assign(notebook_path: Path) -> int:
+    """Give every cell of a notebook without ``slideshow`` metadata its
+    default; return how many cells changed."""
+    notebook = nbformat.read(notebook_path, as_version=4)
+    start = _exercise_section_starts(notebook.cells)
+    changed = 0
+    for index, cell in enumerate(notebook.cells):
+        if slide_type(cell) is None:
+            cell.metadata["slideshow"] = {"slide_type": default_slide_type(cell, index >= start)}
+            changed += 1
+    if changed:
+        nbformat.write(notebook, notebook_path)
+    return changed
+
+
+def split_lead(source: str) -> tuple[str, str]:
+    """``(heading and lead paragraph, the rest)`` of a markdown cell.
+
+    The lead is the first paragraph after the heading, cut after its first
+    sentence when it runs past 70 words.  Blocks (math, directives, tables,
+    lists) are never cut: the lead stops before them.
+    """
+    paragraphs = re.split(r"\n\s*\n", source.strip())
+    kept: list[str] = []
+    rest = list(paragraphs)
+    while rest and rest[0].lstrip().startswith("#"):
+        kept.append(rest.pop(0))
+    if rest and not re.match(r"\s*(\$\$|```|:::|\||[-*] |\d+\. |<)", rest[0]):
+        lead = rest.pop(0)
+        words = lead.split()
+        if len(words) > 70:
+            sentence = re.match(r"(.+?[.!?])(\s+[A-Z(`$]|$)", lead, re.S)
+            if sentence and len(sentence[1].split()) < len(words):
+                rest.insert(0, lead[len(sentence[1]):].strip())
+                lead = sentence[1]
+        kept.append(lead)
+    return "\n\n".join(kept), "\n\n".join(rest)
+
+
+def _myst_to_markdown(text: str) -> str:
+    """MyST blocks that nbconvert's markdown renderer cannot draw, as markdown."""
+    text = re.sub(r"^\([\w-]+\)=\s*$\n?", "", text, flags=re.M)  # targets
+    text = re.sub(r"^%.*$\n?", "", text, flags=re.M)  # comments
+
+    def admonition(match: re.Match[str]) -> str:
+        kind, title, body = match.group(2), match.group(3).strip(), match.group(4)
+        body = re.sub(r"^:[\w-]+:.*$\n?", "", body, flags=re.M).strip()
+        heading = title or kind.capitalize()
+        return f"> **{heading}**\n>\n" + "\n".join(f"> {line}" if line else ">" for line in body.splitlines())
+
+    fence = r"(```|:::)\{(admonition|note|tip|warning|important|caution|seealso|attention|hint)\}([^\n]*)\n(.*?)^\1"
+    text = re.sub(fence, admonition, text, flags=re.M | re.S)
+
+    def math(match: re.Match[str]) -> str:
+        body = re.sub(r"^:[\w-]+:.*$\n?", "", match.group(2), flags=re.M).strip()
+        return f"$$\n{body}\n$$"
+
+    text = re.sub(r"^(```|:::)\{math\}[^\n]*\n(.*?)^\1", math, text, flags=re.M | re.S)
+
+    def figure(match: re.Match[str]) -> str:
+        path, body = match.group(2).strip(), match.group(3)
+        caption = re.sub(r"^:[\w-]+:.*$\n?", "", body, flags=re.M).strip()
+        alt = re.search(r"^:alt:\s*(.*)$", body, re.M)
+        image = f"![{alt[1] if alt else caption}]({path.replace('*', 'svg')})"
+        return f"{image}\n\n*{caption}*" if caption else image
+
+    text = re.sub(r"^(```|:::)\{figure\}([^\n]*)\n(.*?)^\1", figure, text, flags=re.M | re.S)
+    # MathJax numbers nothing here: drop "(label)" after display math
+    text = re.sub(r"^\$\$\s*\([\w-]+\)\s*$", "$$", text, flags=re.M)
+    return text
+
+
+def _split_at_headings(cell: nbformat.NotebookNode, kind: str) -> list[tuple[str, str]]:
+    """A markdown cell cut before each heading inside it: ``(text, kind)``.
+
+    A section that starts in the middle of a cell still opens a slide
+    (``##``) or a sub-slide (``###``); the text before it keeps the cell's
+    own kind.  Code cells are returned whole.
+    """
+    if cell.cell_type != "markdown":
+        return [(cell.source, kind)]
+    parts = re.split(r"(?m)^(?=#{2,3} )", cell.source)
+    out = []
+    for number, part in enumerate(parts):
+        if not part.strip():
+            continue
+        heading = re.match(r"(#{2,3}) ", part)
+        if number > 0 and heading:
+            out.append((part, "subslide" if len(heading[1]) == 3 else "slide"))
+        else:
+            out.append((part, kind))
+    return out
+
+
+def _link_to_site(text: str) -> str:
+    """Links between the book's pages, pointed at the site's pages (the
+    decks live in ``slides/`` beside ``book/``)."""
+    return re.sub(r"\]\((\w+)\.(?:ipynb|md)(#[^)]*)?\)", r"](../book/\1.html\2)", text)
+
+
+def _exercise_list(cells: list) -> str:
+    rows = []
+    for cell in cells:
+        if cell.cell_type != "markdown":
+            continue
+        for title, _ in EXERCISE_START.findall(cell.source):
+            difficulty, kind = DIFFICULTY.search(cell.source), KIND.search(cell.source)
+            detail = ", ".join(x for x in (difficulty and difficulty[1], kind and kind[1].strip()) if x)
+            rows.append(f"{len(rows) + 1}. {title.strip()}" + (f" ({detail})" if detail else ""))
+    return "\n".join(rows)
+
+
+def deck(chapter: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The deck of a chapter (its roles already resolved): the cells the
+    slides show, in order, with the slide types nbconvert reads."""
+    out = copy.deepcopy(chapter)
+    cells = []
+    start = _exercise_section_starts(chapter.cells)
+    for index, original in enumerate(chapter.cells):
+        kind = slide_type(original) or default_slide_type(original, index >= start)
+        if kind == "skip":
+            continue
+        for part, part_kind in _split_at_headings(original, kind):
+            cell = copy.deepcopy(original)
+            cell.metadata["slideshow"] = {"slide_type": part_kind}
+            if cell.cell_type == "markdown":
+                source = _link_to_site(_myst_to_markdown(part))
+                if index >= start and source.lstrip().startswith("## Exercises"):
+                    listing = _exercise_list(chapter.cells[start:])
+                    cell.source = (
+                        "## Exercises\n\n" + listing
+                        + "\n\nSolutions: in the book; the student edition leaves them out."
+                    )
+                    cells.append(cell)
+                    continue
+                if part_kind in ("slide", "subslide"):
+                    lead, rest = split_lead(source)
+                    cell.source = lead
+                    cells.append(cell)
+                    if rest.strip():
+                        notes = nbformat.v4.new_markdown_cell(rest)
+                        notes.metadata["slideshow"] = {"slide_type": "notes"}
+                        cells.append(notes)
+                    continue
+                cell.source = source
+            elif "hide-input" in set(cell.metadata.get("tags", [])) or (
+                _has_figure_or_table(cell) and cell.source.count("\n") >= MAX_CODE_LINES
+            ):
+                # a figure or table is shown without the code that made it
+                cell.metadata["tags"] = [*cell.metadata.get("tags", []), "remove_input"]
+            cells.append(cell)
+    out.cells = cells
+    return out
+
+
+def fetch_reveal(target: Path) -> None:
+    """Download :data:`REVEAL_WHEEL` with pip and unpack reveal.js into ``target``."""
+    import subprocess
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, REVEAL_WHEEL],
+            check=True,
+        )
+        (wheel,) = Path(tmp).glob("*.whl")
+        prefix = "sphinx_revealjs/_static/revealjs/"
+        if target.exists():
+            shutil.rmtree(target)
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.startswith(prefix) and not name.endswith("/"):
+                    out = target / name[len(prefix):]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(archive.read(name))
+    if not (target / "dist" / "reveal.js").is_file():
+        raise FileNotFoundError(f"{REVEAL_WHEEL} carried no dist/reveal.js")
+
+
+def _copy_reveal(reveal_dir: Path, out_dir: Path) -> None:
+    target = out_dir / "reveal.js"
+    if target.exists():
+        shutil.rmtree(target)
+    (target / "plugin").mkdir(parents=True)
+    shutil.copytree(reveal_dir / "dist", target / "dist")
+    shutil.copytree(reveal_dir / "plugin" / "notes", target / "plugin" / "notes")
+    shutil.copy(reveal_dir / "LICENSE", target / "LICENSE")
+
+
+def build(
+    out_dir: Path,
+    reveal_dir: Path,
+    mathjax_url: str = "../_static/mathjax/tex-chtml.js",
+    source: Path = ROOT / "book",
+) -> list[Path]:
+    """Write ``NN_topic.slides.html`` for every chapter of ``source`` into ``out_dir``."""
+    from nbconvert import SlidesExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    from traitlets.config import Config
+
+    if not (reveal_dir / "dist" / "reveal.js").is_file():
+        raise FileNotFoundError(f"reveal.js is not in {reveal_dir}: run `make slides`, which fetches it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _copy_reveal(reveal_dir, out_dir)
+    shutil.copy(TEMPLATE_DIR / "book-slides.css", out_dir / "book-slides.css")
+    config = Config()
+    config.TagRemovePreprocessor.remove_input_tags = {"remove_input"}
+    config.TagRemovePreprocessor.enabled = True
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = lab_notebooks.make_copies(source, Path(tmp))
+        for path in copies:
+            if not re.match(r"\d\d_", path.name):
+                continue
+            notebook = nbformat.read(path, as_version=4)
+            exporter = SlidesExporter(
+                config=config,
+                template_name="book_reveal",
+                extra_template_basedirs=[str(TEMPLATE_DIR)],
+                reveal_url_prefix="reveal.js",
+                reveal_theme="white",
+                reveal_width=str(WIDTH),
+                reveal_height=str(HEIGHT),
+                reveal_scroll=False,
+                mathjax_url=mathjax_url,
+                exclude_input_prompt=True,
+                exclude_output_prompt=True,
+            )
+            exporter.register_preprocessor(TagRemovePreprocessor(config=config), enabled=True)
+            body, _ = exporter.from_notebook_node(deck(notebook), resources={"metadata": {"name": _title(notebook)}})
+            # images beside the chapters (the introduction's figure) are not
+            # used by any chapter deck; outputs are embedded as data URIs
+            target = out_dir / f"{path.stem}.slides.html"
+            target.write_text(body, encoding="utf-8")
+            written.append(target)
+    return written
+
+
+def _title(notebook: nbformat.NotebookNode) -> str:
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            match = re.search(r"^# (.+)$", cell.source, re.M)
+            if match:
+                return re.sub(r"[`*]", "", match[1]).strip()
+    return "Slides"
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--assign"]:
+        for path in CHAPTERS:
+            print(f"{path.name}: {assign(path)} cells given slide metadata")
+        return 0
+    if argv[:1] == ["--fetch"] and len(argv) == 2:
+        fetch_reveal(Path(argv[1]))
+        print(f"reveal.js in {argv[1]}")
+        return 0
+    if len(argv) not in (2, 3):
+        print(__doc__, file=sys.stderr)
+        return 2
+    source = Path(argv[2]) if len(argv) == 3 else ROOT / "book"
+    written = build(Path(argv[0]), Path(argv[1]), source=source)
+    print(f"{len(written)} decks in {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
