@@ -20,6 +20,9 @@ NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
+# Stored outputs are computed, and tested, on the CPU only: a reader's
+# COMPANION_DEVICE (see companion/device.py) never reaches make's commands.
+unexport COMPANION_DEVICE
 
 .PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history slides pdf student
 

@@ -1170,6 +1170,38 @@ for framework in keras_loss.FRAMEWORKS:
 
 
 # ---------------------------------------------------------------------------
+# The environment check, the device switch and the exercises' grader
+# ---------------------------------------------------------------------------
+
+from companion import check_env, device  # noqa: E402
+from companion import exercises as grading  # noqa: E402
+
+add("check_env.read_requirements-path-int", check_env.read_requirements, 3, error=TypeError, name="path")
+add("check_env.installed_version-name-empty", check_env.installed_version, "", error=TypeError, name="name")
+add("check_env.installed_version-name-none", check_env.installed_version, None, error=TypeError, name="name")
+add("check_env.check_requirements-lines-range", check_env.check_requirements, ["torch>=2"],
+    error=ValueError, name="lines")
+add("check_env.check_requirements-lines-unpinned", check_env.check_requirements, ["numpy"],
+    error=ValueError, name="lines")
+add("check_env.check_environment-root-empty-dir", check_env.check_environment, Path(__file__).parent / "exercises",
+    error=ValueError, name="root")
+add("device.book_device-environ-int", device.book_device, 3, error=TypeError, name="environ")
+add("device.book_device-variable-tpu", device.book_device, {"COMPANION_DEVICE": "tpu"},
+    error=ValueError, name="COMPANION_DEVICE")
+if not torch.cuda.is_available():
+    add("device.book_device-variable-cuda-absent", device.book_device, {"COMPANION_DEVICE": "cuda"},
+        error=ValueError, name="COMPANION_DEVICE")
+if not torch.backends.mps.is_available():
+    add("device.book_device-variable-mps-absent", device.book_device, {"COMPANION_DEVICE": "mps"},
+        error=ValueError, name="COMPANION_DEVICE")
+add("exercises.grade-label-int", grading.grade, 1, print, error=TypeError, name="label")
+add("exercises.grade-label-unknown", grading.grade, "nothing-ex1", print, error=ValueError, name="label")
+add("exercises.grade-label-no-number", grading.grade, "shapes-exA", print, error=ValueError, name="label")
+add("exercises.grade-function-int", grading.grade, "shapes-ex1", 3, error=TypeError, name="function")
+add("exercises.check-function-none", grading.check, "shapes-ex1", None, error=TypeError, name="function")
+
+
+# ---------------------------------------------------------------------------
 # The table's test
 # ---------------------------------------------------------------------------
 

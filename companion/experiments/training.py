@@ -426,8 +426,10 @@ def validation_loss(
     meant to learn.  One batch, no gradient.
     """
     batch = make_batch(examples, vocab, rule, total_length=total_length)
+    device = _device_of(model)
     with torch.no_grad():
-        return float(label_padding_loss(model(batch.input_ids), batch.labels))
+        logits = model(batch.input_ids.to(device))
+        return float(label_padding_loss(logits, batch.labels.to(device)))
 
 
 def train_model(
@@ -442,6 +444,7 @@ def train_model(
     eval_every: int = 25,
     seed: int = 0,
     total_length: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> TrainingRun:
     """Train :func:`chapter_model` with AdamW on batches labelled by ``rule``.
 
@@ -462,11 +465,17 @@ def train_model(
         seed: seeds the weights and the order of the examples.
         total_length: pad every batch to this width; default the longest
             row of each batch.
+        device: where to train (the chapter passes
+            :func:`companion.device.book_device`, the CPU unless the reader
+            opts in); the returned model is on the CPU whatever the device.
 
     Returns:
         A :class:`TrainingRun`.
     """
     require_one_of(rule, LABEL_RULES, "rule")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a str such as 'cpu'; got {type(device).__name__}")
+    device = torch.device(device)
     steps = require_positive_int(steps, "steps")
     batch_size = require_positive_int(batch_size, "batch_size")
     eval_every = require_positive_int(eval_every, "eval_every")
@@ -478,7 +487,7 @@ def train_model(
             f"train_examples holds {len(train_examples)} examples; "
             f"batch_size is {batch_size}"
         )
-    model = chapter_model(vocab, seed=seed)
+    model = chapter_model(vocab, seed=seed).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=rate, weight_decay=0.0
     )
@@ -501,19 +510,24 @@ def train_model(
         chosen = sampler.sample(list(train_examples), batch_size)
         batch = make_batch(chosen, vocab, rule, total_length=total_length)
         optimizer.zero_grad(set_to_none=True)
-        loss = label_padding_loss(model(batch.input_ids), batch.labels)
+        loss = label_padding_loss(model(batch.input_ids.to(device)), batch.labels.to(device))
         loss.backward()
         optimizer.step()
         run.logged_losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
             evaluate(step)
-    model.eval()
+    model.to("cpu").eval()
     return run
 
 
 # ---------------------------------------------------------------------------
 # What the model writes
 # ---------------------------------------------------------------------------
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def generate_greedy(
@@ -550,8 +564,8 @@ def generate_greedy(
         by_length.setdefault(len(prompt), []).append(index)
     with torch.no_grad():
         for indices in by_length.values():
-            ids = torch.tensor([list(prompts[i]) for i in indices])
-            done = torch.zeros(len(indices), dtype=torch.bool)
+            ids = torch.tensor([list(prompts[i]) for i in indices], device=_device_of(model))
+            done = torch.zeros(len(indices), dtype=torch.bool, device=ids.device)
             for _ in range(max_new_tokens):
                 following = model(ids)[:, -1].argmax(dim=-1)
                 for row, index in enumerate(indices):

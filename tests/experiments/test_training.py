@@ -412,3 +412,16 @@ def test_shift_labels_make_pieces_add_up_to_the_whole(pieces, seed, masked):
         assert result.pieces_without_shift_labels == pytest.approx(result.whole, rel=1e-5)
     with pytest.raises(ValueError, match="pieces must be <= T"):
         training.split_sequence_losses(logits, labels, 10)
+
+
+def test_training_on_a_named_device_gives_the_cpu_run_and_returns_a_cpu_model():
+    vocab = training.make_vocabulary()
+    train, val = training.split_examples(training.make_examples(), validation=8, seed=0)
+    default = training.train_model(train, val, vocab, steps=3, eval_every=3, batch_size=4)
+    named = training.train_model(train, val, vocab, steps=3, eval_every=3, batch_size=4,
+                                 device=torch.device("cpu"))
+    assert default.logged_losses == named.logged_losses
+    assert default.validation_losses == named.validation_losses
+    assert {p.device.type for p in named.model.parameters()} == {"cpu"}
+    with pytest.raises(TypeError, match="^device"):
+        training.train_model(train, val, vocab, steps=1, device=0)
