@@ -48,7 +48,7 @@ CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
 PY = re.compile(r"\{py:\w+\}`(?:([^`<]*?)\s*<~?([^`>]+)>|(~?)([^`]+))`")
 REF = re.compile(r"\{(?:ref|numref)\}`(?:([^`<]*?)\s*<([^`>]+)>|([^`]+))`")
 LABEL = re.compile(r"^\(([\w-]+)\)=\s*\n#+\s+(.+)$", re.M)
-EXERCISE = re.compile(r"^```\{exercise\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*", re.M)
+EXERCISE = re.compile(r"^```\{exercise(?:-start)?\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*", re.M)
 EXERCISE_LABEL = re.compile(r"^:label:\s*(\S+)", re.M)
 LEFTOVER = re.compile(r"\{(glue|doc|term|cite|py|ref|numref)(:\w+)?\}`")
 

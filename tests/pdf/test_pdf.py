@@ -131,3 +131,14 @@ def test_latex_ran_without_errors_and_no_code_runs_off_the_page():
             in_code.append((first, width))
     print(f"\noverfull lines: {dict(overfull)} (code blocks must have none)")
     assert not in_code, f"code lines past the margin (book.tex line, pt): {in_code}"
+
+
+def test_the_site_serves_the_pdf_that_every_page_links():
+    site = ROOT / "_build" / "html"
+    if not (site / "index.html").is_file():
+        pytest.skip("no built site (make book): the PDF link is checked with the site")
+    assert (site / "book.pdf").read_bytes() == PDF.read_bytes()
+    pages = sorted((site / "book").glob("*.html"))
+    assert pages
+    for page in pages:
+        assert 'href="../book.pdf"' in page.read_text(encoding="utf-8"), page.name
