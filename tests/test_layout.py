@@ -34,6 +34,10 @@ EXPERIMENTS = sorted(
     for path in (PACKAGE / "experiments").glob("*.py")
     if path.stem != "__init__"
 )
+GRADERS = sorted(
+    f"companion.exercises.{path.stem}" for path in (PACKAGE / "exercises").glob("ch*.py")
+)
+"""The exercises' checkers, one module per chapter (no public names)."""
 FRAMEWORK_MODULES = ("tensorflow", "keras", "tf_keras")
 
 
@@ -111,7 +115,7 @@ def _public_definitions(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [name for name in LIBRARY if name != "companion._checks"] + EXPERIMENTS
+    "module", [name for name in LIBRARY if name != "companion._checks"] + EXPERIMENTS + GRADERS
 )
 def test_every_module_lists_exactly_its_public_names(module):
     listed = importlib.import_module(module).__all__
