@@ -240,7 +240,17 @@ def _split_at_headings(cell: nbformat.NotebookNode, kind: str) -> list[tuple[str
 def _link_to_site(text: str) -> str:
     """Links between the book's pages, pointed at the site's pages (the
     decks live in ``slides/`` beside ``book/``)."""
-    return re.sub(r"\]\((\w+)\.(?:ipynb|md)(#[^)]*)?\)", r"](../book/\1.html\2)", text)
+    from urllib.parse import unquote
+
+    from docutils.nodes import make_id
+
+    def link(match: re.Match[str]) -> str:
+        # the lab copies link headings by their text; the site's ids are
+        # docutils' ids of the same text
+        anchor = f"#{make_id(unquote(match[2]))}" if match[2] else ""
+        return f"](../book/{match[1]}.html{anchor})"
+
+    return re.sub(r"\]\((\w+)\.(?:ipynb|md)(?:#([^)]*))?\)", link, text)
 
 
 def _exercise_list(cells: list) -> str:
@@ -265,8 +275,10 @@ def deck(chapter: nbformat.NotebookNode) -> nbformat.NotebookNode:
         kind = slide_type(original) or default_slide_type(original, index >= start)
         if kind == "skip":
             continue
-        for part, part_kind in _split_at_headings(original, kind):
+        for number, (part, part_kind) in enumerate(_split_at_headings(original, kind)):
             cell = copy.deepcopy(original)
+            if number and "id" in cell:
+                cell["id"] = f"{cell['id']}-{number}"  # ids stay unique
             cell.metadata["slideshow"] = {"slide_type": part_kind}
             if cell.cell_type == "markdown":
                 source = _link_to_site(_myst_to_markdown(part))
@@ -284,6 +296,7 @@ def deck(chapter: nbformat.NotebookNode) -> nbformat.NotebookNode:
                     cells.append(cell)
                     if rest.strip():
                         notes = nbformat.v4.new_markdown_cell(rest)
+                        notes["id"] = f"{cell.get('id', 'cell')}-notes"
                         notes.metadata["slideshow"] = {"slide_type": "notes"}
                         cells.append(notes)
                     continue

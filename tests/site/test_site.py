@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-SKIP_DIRS = {"_static", "_sources", "_images"}
+SKIP_DIRS = {"_static", "_sources", "_images", "reveal.js"}  # reveal.js: the decks' library
 MATHJAX_READY = "() => window.MathJax && MathJax.startup && MathJax.startup.promise"
 
 
@@ -126,7 +126,12 @@ def test_internal_links_resolve(visited, base_url, site_root):
                 target = target / "index.html"
             if not target.exists():
                 broken.append(f"{page} -> {href}")
-            elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in ids_in(target, cache):
+            elif (
+                parts.fragment
+                and not parts.fragment.startswith("/")  # reveal.js's own slide addresses
+                and target.suffix == ".html"
+                and unquote(parts.fragment) not in ids_in(target, cache)
+            ):
                 broken.append(f"{page} -> {href} (no such anchor)")
     assert not broken, "broken internal links:\n" + "\n".join(sorted(set(broken)))
 
@@ -188,3 +193,26 @@ def test_the_api_reference_lists_every_public_name(site_root):
         if f"{module}.{name}" not in anchors
     ]
     assert not missing, missing
+
+
+def test_dark_mode_shows_no_white_boxes(browser, base_url, site_root):
+    """In the theme's dark mode a chapter's figure, admonition and table
+    are dark too: no light box on the dark page (figures are drawn on
+    white and inverted by _static/book.css)."""
+    import io
+
+    from PIL import Image
+
+    context = browser.new_context(color_scheme="dark", viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(f"{base_url}/book/04_keras_masking.html", wait_until="load")
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+    brightness = {}
+    for name, selector in (("figure", "div.cell_output img"), ("admonition", "div.admonition"),
+                           ("table", "div.cell_output table")):
+        element = page.locator(selector).first
+        element.scroll_into_view_if_needed()
+        picture = Image.open(io.BytesIO(element.screenshot())).convert("L")
+        brightness[name] = sum(picture.getdata()) / (255 * picture.width * picture.height)
+    context.close()
+    assert all(value < 0.35 for value in brightness.values()), brightness
