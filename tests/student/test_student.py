@@ -64,12 +64,16 @@ def _solution_fragments() -> dict[str, list[str]]:
                 current = (start[1], [])
                 blocks.append(current)
             if current is None:
-                outside.append(cell.source)
+                if cell.cell_type == "markdown":
+                    outside.append(re.sub(r"\*\*|(?<!\w)\*|\*(?!\w)", "", cell.source))
+                else:  # code and what it printed
+                    outside.append(cell.source)
+                    outside += [output.get("text", "") for output in cell.get("outputs", [])]
             else:
                 current[1].append(cell)
                 if cell.cell_type == "markdown" and re.search(r"^```\{solution-end\}", cell.source, re.M):
                     current = None
-    everywhere_else = "\n".join(outside)
+    everywhere_else = re.sub(r"\s+", " ", "\n".join(outside))
     fragments: dict[str, list[str]] = {}
     for label, cells in blocks:
         pieces = []
@@ -84,7 +88,7 @@ def _solution_fragments() -> dict[str, list[str]]:
                                 prose, flags=re.S)
                 pieces += [re.sub(r"\s+", " ", run).strip() for run in runs
                            if len(run.strip()) >= 30 and not re.search(r"[{}\\<>|#]", run)]
-        fragments[label] = [piece for piece in pieces if piece not in everywhere_else]
+        fragments[label] = [piece for piece in pieces if re.sub(r"\s+", " ", piece) not in everywhere_else]
     return fragments
 
 
