@@ -216,3 +216,17 @@ def test_dark_mode_shows_no_white_boxes(browser, base_url, site_root):
         brightness[name] = sum(picture.getdata()) / (255 * picture.width * picture.height)
     context.close()
     assert all(value < 0.35 for value in brightness.values()), brightness
+
+
+def test_the_introduction_names_each_heading_once(browser, base_url):
+    """The table of contents' captions (Chapters, Appendix, Back matter) are
+    not repeated by a heading of the same name in the page's article."""
+    page = browser.new_page()
+    page.goto(f"{base_url}/book/intro.html", wait_until="load")
+    names = page.evaluate(
+        """() => Array.from(document.querySelectorAll('article h1, article h2, article h3, article p.caption'))
+                 .map(e => e.textContent.replace(/[#¶]/g, '').trim())"""
+    )
+    page.close()
+    for caption in ("Chapters", "Appendix", "Back matter"):
+        assert names.count(caption) == 1, (caption, names)
