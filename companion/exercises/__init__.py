@@ -140,7 +140,11 @@ def expect_close(got: Any, want: Any, what: str, *, rtol: float = 1e-6, atol: fl
 
     ``got`` and ``want`` are numbers, arrays or tensors of the same shape;
     the message names ``what`` and gives both values to 5 significant
-    digits (never more: messages are stored in notebooks).
+    digits (never more: messages are stored in notebooks).  When the two
+    agree to those 5 digits, it adds their relative difference rounded to 2
+    significant digits if that is over 1e-6, and otherwise says that they
+    agree to 5 digits but not to the tolerance (a difference that small can
+    change from one CPU to another).
     """
     import numpy as np
     import torch
@@ -158,8 +162,20 @@ def expect_close(got: Any, want: Any, what: str, *, rtol: float = 1e-6, atol: fl
         raise ExerciseFailed(f"{what}: expected shape {w.shape}; got {g.shape}")
     if not np.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True):
         if g.size == 1:
-            raise ExerciseFailed(f"{what}: expected {float(w):.5g}; got {float(g):.5g}")
-        worst = int(np.argmax(np.abs(g - w)))
-        raise ExerciseFailed(
-            f"{what}: expected {w.flat[worst]:.5g} at flat index {worst}; got {g.flat[worst]:.5g}"
-        )
+            want_value, got_value, where = float(w), float(g), ""
+        else:
+            worst = int(np.argmax(np.abs(g - w)))
+            want_value, got_value, where = float(w.flat[worst]), float(g.flat[worst]), f" at flat index {worst}"
+        message = f"{what}: expected {want_value:.5g}{where}; got {got_value:.5g}"
+        if f"{want_value:.5g}" == f"{got_value:.5g}":
+            message += _difference_note(got_value, want_value, rtol)
+        raise ExerciseFailed(message)
+
+
+def _difference_note(got: float, want: float, rtol: float) -> str:
+    """What tells apart two numbers that print the same to 5 digits."""
+    scale = max(abs(want), abs(got))
+    relative = abs(got - want) / scale if scale else 0.0
+    if relative > 1e-6:
+        return f" (relative difference {relative:.2g}, over the tolerance {rtol:.2g})"
+    return f" (they agree to 5 digits but not to the relative tolerance {rtol:.2g})"

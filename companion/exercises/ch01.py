@@ -72,9 +72,11 @@ def _scored_targets(answer: Callable[..., Any]) -> int:
         got = _call(answer, case, list(lengths), time, side)
         want = count_scored_targets(_padded_labels(lengths, time, side))
         expect(
-            isinstance(got, (int, np.integer, torch.Tensor)) and int(got) == want,
-            f"{case}: expected {want} scored targets; got {got!r}",
+            isinstance(got, int) and not isinstance(got, bool),
+            f"{case}: expected a Python int, computed from the lengths without a tensor; "
+            f"got {type(got).__name__}",
         )
+        expect(got == want, f"{case}: expected {want} scored targets; got {got!r}")
     return len(cases)
 
 
@@ -165,7 +167,12 @@ def _time_major_flatten(answer: Callable[..., Any]) -> int:
             flat_logits.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr(),
             f"{case}: flat_logits does not share the storage of logits (a copy was made)",
         )
-        targets = flat_targets.long()
+        expect(
+            flat_targets.dtype == torch.int64,
+            f"{case}: flat_targets must hold class indices as int64, the dtype F.cross_entropy "
+            f"expects; got {flat_targets.dtype}",
+        )
+        targets = flat_targets
         for reduction in ("sum", "mean"):
             got = torch.nn.functional.cross_entropy(flat_logits, targets, reduction=reduction)
             want = reference.causal_lm_loss(

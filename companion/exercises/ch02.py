@@ -143,44 +143,74 @@ def _corpus_perplexity(answer: Callable[..., Any]) -> int:
     return len(cases)
 
 
-def _filter_reference(
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+def _kept_reference(
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]],
 ) -> tuple[float, int]:
-    """Sum of -log p over the pairs the old filter keeps, and their number."""
+    """Sum of -log p over the pairs the old filter keeps, and their number.
+
+    ``attended[b][t]`` (written out by hand for each case) is 1 when the
+    filter's mask column facing the target ``labels[b, t + 1]`` is 1.
+    """
     total, count = 0.0, 0
-    for logits, labels, mask in micro_batches:
-        x, y, m = logits.numpy(), labels.numpy(), mask.numpy()
-        batch, time, _ = x.shape
-        first = m.shape[1] - (time - 1)  # the last T-1 columns face the targets
-        for b in range(batch):
+    for logits, labels, _, attended in micro_batches:
+        x, y = logits.numpy(), labels.numpy()
+        for b, row in enumerate(attended):
             logp = reference.log_softmax(x[b])
-            for t in range(time - 1):
-                if y[b, t + 1] != IGNORE_INDEX and m[b, first + t] != 0:
+            for t, kept in enumerate(row):
+                if kept and y[b, t + 1] != IGNORE_INDEX:
                     total -= logp[t, y[b, t + 1]]
                     count += 1
     return total, count
 
 
-def _port_cases(vocab: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+def _port_cases(
+    vocab: int,
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]]]:
+    """Each micro-batch: logits, labels, mask, and the attended targets by hand."""
     padded = _labels(3, 7, vocab, seed=30, drop=0.1)  # padding labelled with ids
     padded[:, 0] = 1
     prefix_mask = torch.cat([torch.ones(2, 3, dtype=torch.long), _right_padding_mask([5, 3], 5)], dim=1)
     left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     return {
         "one micro-batch, right padding labelled": [
-            (_logits(3, 7, vocab, 31), padded, _right_padding_mask([7, 4, 5], 7)),
+            (
+                _logits(3, 7, vocab, 31),
+                padded,
+                _right_padding_mask([7, 4, 5], 7),
+                [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]],
+            ),
         ],
         "T=5 with 3 prefix mask columns, and T=4": [
-            (_logits(2, 5, vocab, 32), _labels(2, 5, vocab, 33, drop=0.0), prefix_mask),
-            (_logits(2, 4, vocab, 34), _labels(2, 4, vocab, 35), _right_padding_mask([4, 2], 4)),
+            (
+                _logits(2, 5, vocab, 32),
+                _labels(2, 5, vocab, 33, drop=0.0),
+                prefix_mask,
+                [[1, 1, 1, 1], [1, 1, 0, 0]],
+            ),
+            (
+                _logits(2, 4, vocab, 34),
+                _labels(2, 4, vocab, 35),
+                _right_padding_mask([4, 2], 4),
+                [[1, 1, 1], [1, 0, 0]],
+            ),
         ],
         "a T=1 micro-batch (2 prefix mask columns) and a fully masked one": [
-            (_logits(2, 1, vocab, 36), torch.tensor([[3], [4]]), torch.ones(2, 3, dtype=torch.long)),
-            (_logits(1, 4, vocab, 37), torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 0, 0, 0]])),
-            (_logits(2, 6, vocab, 38), _labels(2, 6, vocab, 39), _right_padding_mask([6, 3], 6)),
+            (_logits(2, 1, vocab, 36), torch.tensor([[3], [4]]), torch.ones(2, 3, dtype=torch.long), [[], []]),
+            (_logits(1, 4, vocab, 37), torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 0, 0, 0]]), [[0, 0, 0]]),
+            (
+                _logits(2, 6, vocab, 38),
+                _labels(2, 6, vocab, 39),
+                _right_padding_mask([6, 3], 6),
+                [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
+            ),
         ],
         "left padding, a bool mask": [
-            (_logits(2, 6, vocab, 40), _labels(2, 6, vocab, 41, drop=0.0), left),
+            (
+                _logits(2, 6, vocab, 40),
+                _labels(2, 6, vocab, 41, drop=0.0),
+                left,
+                [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]],
+            ),
         ],
     }
 
@@ -189,8 +219,13 @@ def _port_cases(vocab: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, 
 def _port_to_labels(answer: Callable[..., Any]) -> int:
     checks = 0
     for case, micro_batches in _port_cases(vocab=8).items():
-        inputs = [(y.clone(), m.clone()) for _, y, m in micro_batches]
+        inputs = [(y.clone(), m.clone()) for _, y, m, _ in micro_batches]
         result = _call(answer, case, inputs)
+        for k, ((given_labels, given_mask), (_, labels, mask, _)) in enumerate(zip(inputs, micro_batches)):
+            expect(
+                torch.equal(given_labels, labels) and torch.equal(given_mask, mask),
+                f"{case}: micro-batch {k + 1}: the function changed its input tensors (leave them unchanged)",
+            )
         expect(
             isinstance(result, tuple) and len(result) == 2,
             f"{case}: expected a pair (labels per micro-batch, num_items_in_batch); got {type(result).__name__}",
@@ -200,13 +235,13 @@ def _port_to_labels(answer: Callable[..., Any]) -> int:
             len(new_labels) == len(micro_batches),
             f"{case}: expected {len(micro_batches)} label tensors; got {len(new_labels)}",
         )
-        total, count = _filter_reference(micro_batches)
+        total, count = _kept_reference(micro_batches)
         expect(
             isinstance(num_items, (int, np.integer, torch.Tensor)) and int(num_items) == count,
             f"{case}: num_items_in_batch: expected {count}; got {num_items!r}",
         )
         step = 0.0
-        for k, ((logits, labels, _), ported) in enumerate(zip(micro_batches, new_labels, strict=True)):
+        for k, ((logits, labels, _, _), ported) in enumerate(zip(micro_batches, new_labels, strict=True)):
             expect(
                 isinstance(ported, torch.Tensor) and ported.shape == labels.shape,
                 f"{case}: micro-batch {k + 1}: expected labels of shape {tuple(labels.shape)}",

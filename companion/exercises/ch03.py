@@ -176,6 +176,8 @@ def _micro_batches(rng: np.random.Generator, sizes, num_classes: int, empty: int
             real = int(rng.integers(2, length + 1))
             labels[b, real:] = IGNORE_INDEX
         labels[:, 0] = IGNORE_INDEX
+        # row 0 labels its first token (no prompt): that label is no target
+        labels[0, 0] = (k + 1) % num_classes
         if k == empty:
             labels[:] = IGNORE_INDEX
         batches.append((logits, labels))

@@ -88,14 +88,24 @@ def _mask_kept_through_the_middle(answer: Callable[..., Any]) -> int:
                 case = f"{name}, inputs = labels = {ids.tolist()}"
                 probabilities = reference.softmax(table[ids])
                 try:
-                    output = np.asarray(model(ids))
+                    outputs = model(ids)
+                    output = np.asarray(outputs)
                     loss = model.evaluate(ids, ids, verbose=0)
                 except Exception as error:  # a model that cannot run this batch
                     raise ExerciseFailed(f"{case}: the model raised {type(error).__name__}") from error
                 expect_close(output, probabilities, f"{case}: model output", rtol=1e-5, atol=1e-6)
                 want = _mean_over_real(probabilities, ids)
                 expect_close(_float(loss, case), want, f"{case}: loss", rtol=1e-5)
-                checks += 2
+                # the lesson: the padding mask reaches the output, where any
+                # loss (not only one told which class is padding) uses it
+                mask = getattr(outputs, "_keras_mask", None)
+                expect(
+                    mask is not None and np.array_equal(np.asarray(mask), ids != 0),
+                    f"{case}: the model's output carries no padding mask (its _keras_mask is "
+                    f"{'None' if mask is None else np.asarray(mask).astype(int).tolist()}): the mask "
+                    "must reach the output",
+                )
+                checks += 3
     return checks
 
 

@@ -366,6 +366,9 @@ def _rank_step(answer: Callable[..., Any]) -> int:
         model = _model(seed=index)
         want_loss, want = _reference(model, [piece for rank in ranks for piece in rank])
         replicas = [_CountingModel(copy.deepcopy(model)) for _ in ranks]
+        for replica in replicas:  # stale gradients from an earlier step
+            for p in replica.parameters():
+                p.grad = torch.ones_like(p)
         dist = _Distributed(len(ranks))
 
         def work(rank: int) -> float:

@@ -75,6 +75,8 @@ def _largest_chunk(answer: Callable[..., Any]) -> int:
         (1, 300, 16, 2000, 0.1, 10),
         (1, 64, 512, 1000, 0.25, 8),
         (1, 100, 256, 500, 0.05, 4),
+        (1, 64, 8, 1000, 0.5, 8),  # the budget allows more rows than N = 64
+        (1, 60, 8, 1000, 0.5, 8),  # ... and N is no multiple of 8
     ]
     checks = 0
     for batch, time, hidden, vocab, fraction, multiple in cases:
@@ -82,12 +84,15 @@ def _largest_chunk(answer: Callable[..., Any]) -> int:
         got = answer(batch, time, hidden, vocab, fraction, multiple)
         expect(isinstance(got, int), f"{where}: expected an int; got {type(got).__name__}")
         expect(got >= 0 and got % multiple == 0, f"{where}: {got} is not a multiple of {multiple}")
+        positions = batch * time
+        expect(got <= positions, f"{where}: C = {got} is more than the N = {positions} rows there are")
         if got > 0:
             expect(_fits(batch, time, hidden, vocab, got, fraction), f"{where}: C = {got} does not fit the budget")
-        expect(
-            not _fits(batch, time, hidden, vocab, got + multiple, fraction),
-            f"{where}: C = {got + multiple} fits too; {got} is not the largest",
-        )
+        if got + multiple <= positions:
+            expect(
+                not _fits(batch, time, hidden, vocab, got + multiple, fraction),
+                f"{where}: C = {got + multiple} fits too; {got} is not the largest",
+            )
         checks += 1
     return checks
 

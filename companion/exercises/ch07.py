@@ -197,19 +197,19 @@ def _packed_loss(answer: Callable[..., Any]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _documents(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    starts = [t for t in range(len(position_ids)) if int(position_ids[t]) == 0]
-    return list(zip(starts, [*starts[1:], len(position_ids)]))
-
-
-def _per_document_reference(labels: torch.Tensor, position_ids: torch.Tensor, ahead: int) -> torch.Tensor:
-    """Each packed document unpacked, shifted on its own, packed again."""
-    out = torch.full_like(labels, IGNORE_INDEX)
-    for b in range(labels.shape[0]):
-        for start, stop in _documents(position_ids[b]):
-            piece = torch.nn.functional.pad(labels[b, start:stop], (0, ahead), value=IGNORE_INDEX)
-            out[b, start:stop] = piece[ahead:]
-    return out
+def _expected_ahead(labels: torch.Tensor, layout: list[list[int]], ahead: int) -> list[list[int]]:
+    """The definition, position by position, from the document lengths the
+    checker packed (``layout``, row by row), not from the position ids."""
+    expected = []
+    for b, lengths in enumerate(layout):
+        row, offset = [], 0
+        for length in lengths:
+            for i in range(length):
+                inside = i + ahead < length  # the target lies in the same document
+                row.append(int(labels[b, offset + i + ahead]) if inside else IGNORE_INDEX)
+            offset += length
+        expected.append(row)
+    return expected
 
 
 def _packed(lengths: list[list[int]], generator: torch.Generator, masked: float = 0.0) -> tuple[torch.Tensor, ...]:
@@ -253,7 +253,7 @@ def _ahead_labels(answer: Callable[..., Any]) -> int:
         _, labels, position_ids = _packed(layout, generator, masked=0.25)
         for ahead in (2, 3, 13):
             case = f"ahead = {ahead}, {layout_case}"
-            want = _per_document_reference(labels, position_ids, ahead)
+            want = torch.tensor(_expected_ahead(labels, layout, ahead))
             _expect_labels(_call(answer, case, labels.clone(), position_ids.clone(), ahead), want, case)
             checks += 1
     return checks

@@ -91,7 +91,15 @@ def _restore_eos_targets(answer: Callable[..., Any]) -> int:
     case = "eos_token_id = 7, prompts masked, B = 3"
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     _expect_targets(_call(answer, case, _copy(batch), 7), want, case)
-    return checks + 1
+    # two turns in a row: each ends in its own end-of-sequence token
+    input_ids = torch.tensor([[1, 5, 7, 6, 8, 7, 7], [7, 7, 1, 5, 7, 6, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, 5, -100, 6, 8, -100, -100], [-100, -100, -100, 5, -100, 6, -100]])
+    want = torch.tensor([[-100, 5, 7, 6, 8, 7, -100], [-100, -100, -100, 5, 7, 6, 7]])
+    case = "eos_token_id = 7, two turns per row, B = 2"
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    _expect_targets(_call(answer, case, _copy(batch), 7), want, case)
+    return checks + 2
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +150,15 @@ def _mask_first_real_token(answer: Callable[..., Any]) -> int:
     case = "B = 1, one column of left padding"
     one = {"input_ids": input_ids[4:], "attention_mask": mask[4:], "labels": labels[4:]}
     _expect_targets(_call(answer, case, _copy(one)), want[4:], case, from_column=1)
-    return checks + 2
+    # padding labelled with the pad id (0): those labels stay as they are
+    input_ids = torch.tensor([[0, 0, 5, 6, 8], [5, 6, 8, 0, 0], [0, 5, 0, 6, 8]])
+    mask = (input_ids != 0).long()
+    labels = input_ids.clone()
+    want = torch.tensor([[0, 0, -100, 6, 8], [5, 6, 8, 0, 0], [0, -100, 0, -100, 8]])
+    case = "padding labelled with the pad id, B = 3"
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    _expect_targets(_call(answer, case, _copy(batch)), want, case, from_column=1)
+    return checks + 3
 
 
 # ---------------------------------------------------------------------------

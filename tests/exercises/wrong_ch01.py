@@ -79,17 +79,43 @@ def flatten_time_major_wrong_end(logits, labels):
     return logits[1:].reshape(-1, vocab), labels[:, 1:].t().reshape(-1)
 
 
+def contiguous_skips_size_0_like_size_1(shape, stride):
+    """Skip every axis of size <= 1: an empty axis is treated as a size-1 one."""
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size > 1 and step != expected:
+            return False
+        expected *= max(size, 1)
+    return True
+
+
+def scored_targets_as_tensor(lengths, T, side):
+    """The right count, but built as a tensor and returned as one."""
+    lengths = torch.tensor(lengths)
+    if side == "right":
+        return (lengths - 1).clamp(min=0).sum()
+    return lengths.clamp(max=T - 1).sum()
+
+
+def flatten_time_major_float_targets(logits, labels):
+    """Right order, but the targets as floats: cross_entropy reads them as probabilities."""
+    vocab = logits.size(-1)
+    return logits[:-1].view(-1, vocab), labels[:, 1:].t().reshape(-1).float()
+
+
 WRONG = {
     "shapes-ex1": [
         scored_targets_same_for_both_sides,
         scored_targets_every_left_row_gains_one,
         scored_targets_every_real_token,
+        scored_targets_as_tensor,
     ],
-    "shapes-ex2": [contiguous_exact_strides, contiguous_ignores_empty, contiguous_last_stride_one],
+    "shapes-ex2": [contiguous_skips_size_0_like_size_1, contiguous_exact_strides, contiguous_ignores_empty, contiguous_last_stride_one],
     "shapes-ex3": [next_token_loss_reshaped, next_token_loss_unshifted_view],
     "shapes-ex4": [
         flatten_time_major_batch_order,
         flatten_time_major_via_batch_major,
         flatten_time_major_wrong_end,
+        flatten_time_major_float_targets,
     ],
 }

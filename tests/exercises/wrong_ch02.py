@@ -84,14 +84,37 @@ def port_counting_every_column(micro_batches):
     return ported, sum(int((labels != -100).sum()) for labels in ported)
 
 
+def perplexity_counts_predictor_columns(batch_losses, batch_labels):
+    """Counts labels[:, :-1], the columns the logits are read at."""
+    total, count = 0.0, 0
+    for loss, labels in zip(batch_losses, batch_labels):
+        n = int((labels[:, :-1] != -100).sum())
+        if n and not math.isnan(loss):
+            total += loss * n
+            count += n
+    return math.exp(total / count)
+
+
+def port_inplace(micro_batches):
+    """Right labels and count, but written into the caller's label tensors."""
+    out, n = [], 0
+    for labels, mask in micro_batches:
+        first = mask.shape[1] - (labels.shape[1] - 1)
+        labels[:, 1:][~(mask[:, first:] != 0)] = -100
+        out.append(labels)
+        n += count_scored_targets(labels)
+    return out, n
+
+
 WRONG = {
     "llava-ex1": [scored_padding_plain_average, scored_padding_nan_unsafe],
     "llava-ex2": [accumulated_loss_last_column_dropped, accumulated_loss_own_counts],
-    "llava-ex3": [perplexity_of_mean_loss, perplexity_counts_every_label, perplexity_keeps_empty_batches],
+    "llava-ex3": [perplexity_counts_predictor_columns, perplexity_of_mean_loss, perplexity_counts_every_label, perplexity_keeps_empty_batches],
     "llava-ex4": [
         port_with_first_column_crop,
         port_with_slice_crop,
         port_with_predictor_mask,
         port_counting_every_column,
+        port_inplace,
     ],
 }

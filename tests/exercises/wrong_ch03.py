@@ -94,6 +94,16 @@ def accumulation_local_mean_rescaled(micro_batches, weight):
     return [F.cross_entropy(x, t, weight=weight) * w / total for (x, t), w in zip(rows, local)]
 
 
+def accumulation_weight_of_unshifted_labels(micro_batches, weight):
+    """The shared denominator summed over every label, column 0 included."""
+    W = sum(weight[l[l != -100]].sum() for _, l in micro_batches)
+    V = weight.shape[0]
+    return [
+        F.cross_entropy(x[:, :-1].reshape(-1, V), l[:, 1:].reshape(-1), weight=weight, reduction="sum") / W
+        for x, l in micro_batches
+    ]
+
+
 def shift_by_the_row_mean(logits, targets):
     # a per-row constant, but the mean: a row whose logits span 200 overflows exp
     shifted = logits - logits.mean(dim=1, keepdim=True)
@@ -109,15 +119,24 @@ def log_of_softmax(logits, targets):
     return -log_probs[kept, targets[kept]].mean()
 
 
+def shift_by_the_column_max(logits, targets):
+    """amax over dim=0: one shift per class, which changes every row's softmax."""
+    shifted = logits - logits.detach().amax(dim=0, keepdim=True)
+    log_probs = shifted - torch.log(torch.exp(shifted).sum(dim=1, keepdim=True))
+    kept = targets != -100
+    return -log_probs[kept, targets[kept]].mean()
+
+
 WRONG = {
     "cross-entropy-ex1": [smoothing_without_mass_on_the_target, floor_as_target_term_only],
     "cross-entropy-ex2": [keras_default_reduction, keras_ignored_rows_not_zeroed, keras_labels_left_at_minus_100],
-    "cross-entropy-ex3": [shift_by_the_row_mean, log_of_softmax],
+    "cross-entropy-ex3": [shift_by_the_column_max, shift_by_the_row_mean, log_of_softmax],
     "cross-entropy-ex4": [perplexity_as_arithmetic_mean, perplexity_as_loss],
     "cross-entropy-ex5": [
         accumulation_mean_of_means,
         accumulation_divided_by_count,
         accumulation_without_the_shift,
         accumulation_local_mean_rescaled,
+        accumulation_weight_of_unshifted_labels,
     ],
 }

@@ -39,6 +39,22 @@ def build_toy_custom_layer(token_logits):
     return model
 
 
+def build_toy_ignore_class(token_logits):
+    """Keeps the buggy Lambda; the loss is told that class 0 is padding instead."""
+    import keras
+
+    num_tokens, num_classes = token_logits.shape
+    inputs = keras.Input(shape=(None,), dtype="int32")
+    embedding = keras.layers.Embedding(num_tokens, num_classes, mask_zero=True)
+    scale = keras.layers.Lambda(lambda t: t * 1.0)
+    dense = keras.layers.Dense(num_classes, activation="softmax")
+    model = keras.Model(inputs, dense(scale(embedding(inputs))))
+    embedding.set_weights([np.asarray(token_logits, "float32")])
+    dense.set_weights([np.eye(num_classes, dtype="float32"), np.zeros(num_classes, "float32")])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=0))
+    return model
+
+
 def _weights(nll, sample_weight, mask):
     weight = np.ones_like(nll) if sample_weight is None else np.asarray(sample_weight, float)
     return weight if mask is None else weight * mask
@@ -82,10 +98,23 @@ def reduction_nan_when_empty(nll, sample_weight, mask, reduction):
     return total / nll.size
 
 
+def reduction_rescaled_for_every_reduction(nll, sample_weight, mask, reduction):
+    """Applies apply_mask's BT / sum(m) rescaling under "sum" too."""
+    weight = np.ones_like(nll) if sample_weight is None else np.asarray(sample_weight, float)
+    if mask is not None:
+        m = np.asarray(mask, float)
+        weight = weight * m * (m.size / m.sum() if m.sum() else 0.0)
+    total = float((weight * nll).sum())
+    if reduction == "sum":
+        return total
+    divisor = weight.sum() if reduction == "mean_with_sample_weight" else nll.size
+    return total / divisor if divisor else 0.0
+
+
 WRONG = {
     "keras-masking-ex1": [real_token_loss_reduction_mean, real_token_loss_per_sequence],
-    "keras-masking-ex2": [build_toy_custom_layer],
-    "keras-masking-ex3": [
+    "keras-masking-ex2": [build_toy_custom_layer, build_toy_ignore_class],
+    "keras-masking-ex3": [reduction_rescaled_for_every_reduction, 
         reduction_as_before_keras_2_11,
         reduction_always_by_the_weights,
         reduction_nan_when_empty,

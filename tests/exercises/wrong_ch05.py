@@ -118,8 +118,11 @@ def rank_loss_divided_by_r(model, input_ids, labels, dist):
 # one-denominator-ex5 ---------------------------------------------------------
 
 
-def _step(model, micro_batches, dist, *, global_count=True, skip_empty=False, reduce_loss=True, times_r=True):
-    model.zero_grad(set_to_none=True)
+def _step(
+    model, micro_batches, dist, *, global_count=True, skip_empty=False, reduce_loss=True, times_r=True, zero=True
+):
+    if zero:
+        model.zero_grad(set_to_none=True)
     count = torch.tensor(sum(int((y[:, 1:] != -100).sum()) for _, y in micro_batches), dtype=torch.float64)
     if global_count:
         dist.all_reduce(count)
@@ -155,6 +158,11 @@ def rank_step_without_r(model, micro_batches, dist):
     return _step(model, micro_batches, dist, times_r=False)
 
 
+def rank_step_without_zero_grad(model, micro_batches, dist):
+    """The solution without model.zero_grad(): adds to the stale gradients."""
+    return _step(model, micro_batches, dist, zero=False)
+
+
 WRONG = {
     "one-denominator-ex1": [naive_step_nan_weight, naive_step_k_of_non_empty, naive_step_nan_skipped],
     "one-denominator-ex2": [accumulate_counting_column_0, accumulate_sum_over_count_over_k],
@@ -165,5 +173,6 @@ WRONG = {
         rank_step_skipping_empty,
         rank_step_local_report,
         rank_step_without_r,
+        rank_step_without_zero_grad,
     ],
 }

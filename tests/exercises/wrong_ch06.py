@@ -123,9 +123,29 @@ def smoothed_autograd_loop(hidden, weight, labels, *, chunk_size, label_smoothin
     return total / (targets != -100).sum()
 
 
+def chunk_without_the_hidden_states(batch, time, hidden_size, vocab, fraction, multiple):
+    """Leaves out the N d elements of the hidden states (and their gradient)."""
+    room = fraction * 3 * batch * time * vocab - vocab * hidden_size
+    rows = math.floor(room / (vocab + 3 * hidden_size))
+    return max(rows // multiple * multiple, 0)
+
+
+def chunk_not_capped_at_n(batch, time, hidden_size, vocab, fraction, multiple):
+    """The right bound, but not capped at the N = BT rows there are."""
+    positions = batch * time
+    room = fraction * 3 * positions * vocab - (vocab + positions) * hidden_size
+    rows = math.floor(room / (vocab + 3 * hidden_size))
+    return max(rows // multiple * multiple, 0)
+
+
 WRONG = {
     "loss-memory-ex1": [peak_three_full_tensors, peak_backward_only, peak_with_copy_always],
-    "loss-memory-ex2": [chunk_without_block_rows, chunk_rounded_to_nearest],
+    "loss-memory-ex2": [
+        chunk_without_the_hidden_states,
+        chunk_without_block_rows,
+        chunk_rounded_to_nearest,
+        chunk_not_capped_at_n,
+    ],
     "loss-memory-ex3": [
         smoothed_over_other_classes,
         smoothed_loss_plain_gradient,

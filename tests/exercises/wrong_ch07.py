@@ -95,9 +95,19 @@ def shifted_by_ahead_minus_one(labels, position_ids, ahead):
     return out
 
 
+def ahead_position_grows(labels, position_ids, ahead):
+    """Same document when the position id grows: a 1-token document slips through."""
+    shifted = torch.full_like(labels, -100)
+    if ahead >= labels.shape[1]:
+        return shifted
+    same_document = position_ids[:, ahead:] > position_ids[:, :-ahead]
+    shifted[:, :-ahead] = labels[:, ahead:].masked_fill(~same_document, -100)
+    return shifted
+
+
 WRONG = {
     "training-ex1": [every_eos_scored, from_input_ids, eos_id_hard_coded],
     "training-ex2": [micro_batch_mean, without_the_shift, logged_value],
     "training-ex3": [mask_document_ends, cache_left_on],
-    "training-ex4": [pad_and_slice, mask_document_starts_only, shifted_by_ahead_minus_one],
+    "training-ex4": [ahead_position_grows, pad_and_slice, mask_document_starts_only, shifted_by_ahead_minus_one],
 }

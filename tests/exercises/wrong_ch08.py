@@ -27,6 +27,16 @@ def last_column(batch, eos_token_id):
     return labels
 
 
+def last_real_eos_only(batch, eos_token_id):
+    """Restores the end of sequence at each row's last real token only."""
+    labels = batch["labels"].clone()
+    for b, row in enumerate(batch["attention_mask"]):
+        last = int(row.nonzero().max()) if bool(row.any()) else None
+        if last is not None and int(batch["input_ids"][b, last]) == eos_token_id:
+            labels[b, last] = eos_token_id
+    return labels
+
+
 # bc-ex2 ---------------------------------------------------------------------
 def mask_bos(batch):
     """Finds the first real token by its id, <bos> (1)."""
@@ -39,6 +49,14 @@ def mask_last_padding(batch):
     before = torch.zeros_like(mask, dtype=torch.bool)
     before[:, :-1] = (mask[:, :-1] == 0) & (mask[:, 1:] == 1)
     return batch["labels"].masked_fill(before, -100)
+
+
+def mask_after_padding_and_padding(batch):
+    """Also sets every padding position to -100: labelled padding changes."""
+    mask = batch["attention_mask"]
+    after_padding = torch.zeros_like(mask, dtype=torch.bool)
+    after_padding[:, 1:] = (mask[:, :-1] == 0) & (mask[:, 1:] == 1)
+    return batch["labels"].masked_fill(after_padding | (mask == 0), -100)
 
 
 # bc-ex3 ---------------------------------------------------------------------
@@ -121,10 +139,18 @@ def equal_micro_batches(loss_fn, logits, labels, micro_batch_size):
     return math.isclose(split, float(loss_fn(logits, labels)), rel_tol=1e-5)
 
 
+def full_batch_given_the_count(loss_fn, logits, labels, micro_batch_size):
+    """Passes the count to the full batch too: a wrong fallback count is never used."""
+    count = count_scored_targets(labels)
+    full = float(loss_fn(logits, labels, num_items_in_batch=count))
+    split = _split(loss_fn, logits, labels, micro_batch_size, count)
+    return math.isclose(split, full, rel_tol=1e-5)
+
+
 WRONG = {
-    "bc-ex1": [labels_from_input_ids, every_eos_id, last_column],
-    "bc-ex2": [mask_bos, mask_last_padding],
+    "bc-ex1": [labels_from_input_ids, every_eos_id, last_column, last_real_eos_only],
+    "bc-ex2": [mask_bos, mask_last_padding, mask_after_padding_and_padding],
     "bc-ex3": [TrainersAttributeName, KwargsButOwnCount],
-    "bc-ex4": [own_count_per_micro_batch, count_with_column_zero, exact_equality, nan_passes,
+    "bc-ex4": [full_batch_given_the_count, own_count_per_micro_batch, count_with_column_zero, exact_equality, nan_passes,
                equal_micro_batches],
 }
