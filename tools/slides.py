@@ -211,7 +211,7 @@ def _myst_to_markdown(text: str) -> str:
 
     text = re.sub(r"^(```|:::)\{figure\}([^\n]*)\n(.*?)^\1", figure, text, flags=re.M | re.S)
     # MathJax numbers nothing here: drop "(label)" after display math
-    text = re.sub(r"^\$\$\s*\([\w-]+\)\s*$", "$$", text, flags=re.M)
+    text = re.sub(r"\$\$[ \t]*\([\w-]+\)[ \t]*$", "$$", text, flags=re.M)
     return text
 
 

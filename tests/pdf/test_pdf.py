@@ -97,6 +97,16 @@ def test_the_back_matter_is_in_the_pdf(text):
     assert numbered == entries, (numbered, entries)
 
 
+def test_the_equations_are_numbered():
+    """Every labelled display equation of the chapters, ``$$ ... $$ (eq-...)``,
+    is a numbered equation in the LaTeX source."""
+    labelled = sum(len(re.findall(r"\$\$ \(eq-[\w-]+\)", path.read_text())) for path in CHAPTERS)
+    assert labelled >= 30
+    tex = (LATEX / "book.tex").read_text()
+    numbered = re.findall(r"\\label\{equation:[^}]*eq-[\w-]+\}", tex)
+    assert len(numbered) == labelled, (len(numbered), labelled)
+
+
 def _environments(tex: list[str]) -> list[str]:
     """For each line of book.tex (1-based: index 0 unused), the innermost of
     code block / table / other it belongs to."""
