@@ -66,7 +66,7 @@ def problems(path: Path) -> list[str]:
         if _targets(message.id, translated=False) != _targets(message.string, translated=True):
             out.append(f"{where}: role targets differ")
         if message.string != message.id:
-            plain = TARGETED.sub(" ", KEPT.sub(" ", message.string))
+            plain = KEPT.sub(" ", TARGETED.sub(" ", message.string))
             letters = LETTER.findall(plain)
             if letters and len(JAPANESE.findall(plain)) < 0.3 * len(letters):
                 out.append(f"{where}: less than 30 % Japanese")
