@@ -52,7 +52,9 @@ book: $(STAMP) $(REVEAL)
 	rm -rf _build
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 	$(BIN)/python tools/slides.py _build/html/slides .slides-deps/revealjs
+	$(BIN)/python tools/translations.py build ja _build/html/ja
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
+	@echo "The Japanese edition: file://$(CURDIR)/_build/html/ja/index.html"
 
 # The chapter decks alone, into the built site (after `make book`).
 slides: $(STAMP) $(REVEAL)

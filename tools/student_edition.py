@@ -22,8 +22,6 @@ Usage: ``python tools/student_edition.py OUT`` (``make student``: OUT is
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lab_notebooks  # noqa: E402
 import slides  # noqa: E402
+from book_sources import build_site, copy_sources  # noqa: E402
 
 SOLUTION_START = re.compile(r"^```\{solution-start\}", re.M)
 SOLUTION_END = re.compile(r"^```\{solution-end\}", re.M)
 SOLUTION_ANY = re.compile(r"\{solution(?:-start|-end)?\}")
-SOURCES = ("_config.yml", "_toc.yml", "_static", "book")
 
 
 def strip_solutions(notebook: nbformat.NotebookNode) -> int:
@@ -62,15 +60,7 @@ def strip_solutions(notebook: nbformat.NotebookNode) -> int:
 
 def prepare_sources(target: Path) -> int:
     """Copy the book's sources into ``target`` and strip the solutions."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for name in SOURCES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-        else:
-            shutil.copy(source, target / name)
+    copy_sources(target)
     removed = 0
     for path in sorted((target / "book").glob("*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
@@ -91,18 +81,8 @@ def build(out: Path) -> None:
     source = out / "src"
     removed = prepare_sources(source)
     print(f"{removed} solutions removed")
-    subprocess.run(
-        [
-            str(Path(sys.executable).with_name("jupyter-book")), "build", str(source),
-            "--warningiserror", "--nitpick", "--keep-going", "--path-output", str(out / "build"),
-        ],
-        check=True,
-    )
     html = out / "html"
-    if html.exists():
-        shutil.rmtree(html)
-    shutil.move(str(out / "build" / "_build" / "html"), html)
-    shutil.rmtree(out / "build")
+    build_site(source, html)
     slides.build(html / "slides", ROOT / ".slides-deps" / "revealjs", source=source / "book")
     notebooks = out / "notebooks"
     lab_notebooks.make_copies(source / "book", notebooks)

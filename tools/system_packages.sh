@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages a make target needs, when they are missing.
-#   tools/system_packages.sh browser   Chromium (the browser tests, slides)
+#   tools/system_packages.sh browser   Chromium and a Japanese font (the browser tests)
 #   tools/system_packages.sh network   iproute2 (the offline leg of test-portable)
 #   tools/system_packages.sh pdf       TeX Live for XeLaTeX, fonts, poppler-utils
 # Several groups may be named at once.  Uses sudo when not root; does
@@ -22,7 +22,11 @@ need_lean() {
 
 for group in "$@"; do
   case $group in
-    browser) need chromium chromium ;;
+    browser)
+      need chromium chromium
+      # a Japanese font, for the Japanese edition's pages in the browser
+      fc-list :lang=ja 2>/dev/null | grep -q . || lean+=(fonts-noto-cjk)
+      ;;
     network) need ip iproute2 ;;
     pdf)
       # latexmk and XeLaTeX; the LaTeX packages Sphinx's LaTeX writer loads;

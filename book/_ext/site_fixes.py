@@ -59,11 +59,16 @@ def _course_links(app: Any, pagename: str, templatename: str, context: dict, doc
             '<i class="fas fa-file-pdf" aria-hidden="true"></i> The book as PDF</a>'
         )
     chapter = re.fullmatch(r"book/(\d\d_\w+)", pagename)
-    if chapter:
+    if chapter and app.config.course_kit_slides:
         links.append(
             f'<a class="course-kit-slides" href="{prefix}slides/{chapter[1]}.slides.html">'
             '<i class="fas fa-chalkboard" aria-hidden="true"></i> This chapter as slides</a>'
         )
+    # the same page in the other edition: the Japanese site is /ja/ of the English one
+    if app.config.book_language == "ja":
+        links.append(f'<a class="language-switch" href="{prefix}../{pagename}.html" hreflang="en" lang="en">English</a>')
+    else:
+        links.append(f'<a class="language-switch" href="{prefix}ja/{pagename}.html" hreflang="ja" lang="ja">日本語</a>')
     if not links:
         return
     bar = '<nav class="course-kit" aria-label="Course material">' + "".join(links) + "</nav>"
@@ -73,6 +78,9 @@ def _course_links(app: Any, pagename: str, templatename: str, context: dict, doc
 def setup(app: Any) -> dict[str, Any]:
     # the student edition has no PDF (it would hold the solutions)
     app.add_config_value("course_kit_pdf", True, "html")
+    app.add_config_value("course_kit_slides", True, "html")
+    # which edition this is: "en", or "ja" for the Japanese site built into ja/
+    app.add_config_value("book_language", "en", "html")
     app.connect("config-inited", _default_mode)
     # Early: html-page-context is emitted with emit_firstresult, and a theme's
     # handler that returns a template name ends the chain.

@@ -759,6 +759,24 @@ def _first_failure(
     return WorkerFailedError("\n".join(parts), rank, pids, trace, later)
 
 
+def _default_start_method() -> str:
+    """``"fork"`` on Linux in a single-threaded process, else ``"spawn"``.
+
+    A forked child inherits every lock that another thread of the parent
+    held at the moment of the fork, and waits on it for ever.  Python
+    threads show in ``threading.active_count()``; TensorFlow's thread pools
+    do not, so a process that has imported TensorFlow counts as threaded
+    (a test run that built a Keras model first hung its forked workers).
+    """
+    import threading
+
+    if not sys.platform.startswith("linux"):
+        return "spawn"
+    if threading.active_count() > 1 or "tensorflow" in sys.modules:
+        return "spawn"
+    return "fork"
+
+
 def run_ddp_comparison(
     shard_lengths: Sequence[Sequence[int]] = DEFAULT_SHARDS,
     *,
@@ -785,10 +803,12 @@ def run_ddp_comparison(
         timeout_s: deadline for the whole run, start-up included.  A worker
             waits in a collective for ``timeout_s + 10`` s before giving up.
         failure: make one worker fail, to test the clean-up path.
-        start_method: how workers start.  ``"fork"`` (the default on Linux)
-            copies this process, so the workers skip importing PyTorch
-            again; ``"spawn"`` starts fresh interpreters (the only safe
-            choice on macOS).  Forking a process that runs other threads,
+        start_method: how workers start.  ``"fork"`` (the default on Linux,
+            in a process that runs no other thread) copies this process, so
+            the workers skip importing PyTorch again; ``"spawn"`` starts
+            fresh interpreters (the only safe choice on macOS, and the
+            default where this process runs other threads: see
+            :func:`_default_start_method`).  Forking a process that runs other threads,
             such as a Jupyter kernel, is fragile: from a notebook, run
             ``python -m companion.experiments.ddp_demo`` as a program, as
             the book does.
@@ -810,7 +830,7 @@ def run_ddp_comparison(
     shards = _check_shards(shard_lengths, world_size)
     config = config or TinyLMConfig()
     if start_method is None:
-        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+        start_method = _default_start_method()
     if start_method not in ("fork", "spawn"):
         raise ValueError(
             f"start_method must be 'fork' or 'spawn'; got {start_method!r}"
@@ -954,7 +974,7 @@ def run_accumulation_comparison(
     require_one_of(wrapper, ACCUMULATION_WRAPPERS, "wrapper")
     config = config or TinyLMConfig()
     if start_method is None:
-        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+        start_method = _default_start_method()
     require_one_of(start_method, ("fork", "spawn"), "start_method")
     require_positive_int(warm_up_steps, "warm_up_steps")
     _check_timeout(timeout_s)

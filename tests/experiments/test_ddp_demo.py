@@ -260,3 +260,26 @@ def test_command_line_runs_offline_with_empty_stderr(tmp_path):
     assert written["shard_token_counts"] == [11, 40]
     assert written["variants"]["token_mean"]["relative_gradient_error"] < 1e-12
     assert written["variants"]["global_count_unscaled"]["gradient_norm_ratio"] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_workers_are_spawned_from_a_threaded_or_tensorflow_process(monkeypatch):
+    """Forking copies the locks other threads hold: a process that runs
+    threads, or has imported TensorFlow (whose pools threading cannot see),
+    spawns its workers instead."""
+    import sys
+    import threading
+
+    from companion.experiments import ddp_demo
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    assert ddp_demo._default_start_method() == "fork"
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    assert ddp_demo._default_start_method() == "spawn"
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "tensorflow", object())
+    assert ddp_demo._default_start_method() == "spawn"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    assert ddp_demo._default_start_method() == "spawn"

@@ -230,3 +230,61 @@ def test_the_introduction_names_each_heading_once(browser, base_url):
     page.close()
     for caption in ("Chapters", "Appendix", "Back matter"):
         assert names.count(caption) == 1, (caption, names)
+
+
+def _ja_pages(site_root: Path) -> list[Path]:
+    return sorted((site_root / "ja" / "book").glob("*.html"))
+
+
+def test_every_page_links_the_same_page_in_the_other_language(visited, site_root):
+    english = sorted((site_root / "book").glob("*.html"))
+    japanese = _ja_pages(site_root)
+    assert [p.name for p in english] == [p.name for p in japanese], "the two editions differ in pages"
+    for page in english:
+        links = visited[page.relative_to(site_root).as_posix()]["links"]
+        assert any(link.endswith(f"/ja/book/{page.name}") for link in links), page.name
+    for page in japanese:
+        links = visited[page.relative_to(site_root).as_posix()]["links"]
+        assert any(link.endswith(f"/book/{page.name}") and "/ja/" not in link for link in links), page.name
+
+
+@pytest.mark.parametrize("query, page", [
+    ("交差", "03_cross_entropy"), ("損失", "02_llava_loss"), ("分母", "05_one_denominator"),
+    ("label_padding_loss", "api"),
+])
+def test_the_japanese_search_finds_japanese_words_and_code_names(browser, base_url, query, page):
+    tab = browser.new_page()
+    tab.goto(f"{base_url}/ja/search.html?q={query}", wait_until="load")
+    tab.wait_for_function(
+        "() => document.querySelectorAll('#search-results li').length > 0"
+        " || (document.querySelector('#search-results p') || {}).textContent", timeout=20_000)
+    found = tab.evaluate("() => Array.from(document.querySelectorAll('#search-results li a')).map(a => a.href)")
+    tab.close()
+    assert any(f"/ja/book/{page}.html" in link for link in found), (query, found[:8])
+
+
+def test_no_english_paragraph_is_left_in_a_japanese_page(browser, base_url, site_root):
+    """Each paragraph, list item, heading and table cell of a Japanese page
+    is mostly Japanese once code, math and names are set aside (the API
+    page's docstrings are English by design)."""
+    tab = browser.new_page()
+    english = []
+    for path in _ja_pages(site_root):
+        if path.stem == "api":
+            continue
+        tab.goto(f"{base_url}/ja/book/{path.name}", wait_until="load")
+        texts = tab.evaluate(
+            """() => Array.from(document.querySelectorAll(
+                   'article p, article li, article h1, article h2, article h3, article td, article dt, article dd'))
+                 .filter(e => !e.closest('.cell_output, pre, .highlight, .bibliography, .citation, nav'))
+                 .map(e => { const c = e.cloneNode(true);
+                             c.querySelectorAll('code, .math, mjx-container, .headerlink, a.reference.external, cite, .footnote-reference').forEach(x => x.remove());
+                             return c.textContent; })"""
+        )
+        for text in texts:
+            letters = re.findall(r"[A-Za-z\u3040-\u30ff\u4e00-\u9fff]", text)
+            japanese = re.findall(r"[\u3040-\u30ff\u4e00-\u9fff]", text)
+            if len(letters) >= 25 and len(japanese) < 0.3 * len(letters):
+                english.append(f"{path.stem}: {' '.join(text.split())[:80]!r}")
+    tab.close()
+    assert not english, f"{len(english)} English passages:\n" + "\n".join(english[:25])
