@@ -25,7 +25,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ExerciseFailed", "check", "checker", "expect", "expect_close", "grade", "labels"]
+__all__ = ["ExerciseFailed", "as_float", "call", "check", "checker", "expect", "expect_close", "grade", "labels"]
 
 # The label prefix of each chapter's exercises, and the module of its checkers.
 CHAPTERS: dict[str, str] = {
@@ -127,6 +127,31 @@ def grade(label: str, function: Callable[..., Any]) -> None:
         print(f"{label}: not correct yet: the function raised {type(error).__name__}: {error}")
     else:
         print(f"{label}: correct ({passed} checks passed)")
+
+
+def call(answer: Callable[..., Any], case: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the reader's function on one case of a checker.
+
+    An exception it raises (other than ``NotImplementedError``, which means
+    "not attempted") fails the check, with the exception's type, the first
+    line of its message and ``case`` in the verdict.
+    """
+    try:
+        return answer(*args, **kwargs)
+    except (NotImplementedError, ExerciseFailed):
+        raise
+    except Exception as error:  # the reader's code failed on this case
+        text = str(error).strip()
+        message = text.splitlines()[0][:100] if text else ""
+        raise ExerciseFailed(f"the function raised {type(error).__name__}: {message} ({case})") from error
+
+
+def as_float(value: Any, what: str) -> float:
+    """``value`` as a float, or a failed check that names ``what``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise ExerciseFailed(f"{what}: expected a number; got {type(value).__name__}") from error
 
 
 def expect(condition: bool, message: str) -> None:

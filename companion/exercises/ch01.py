@@ -15,20 +15,9 @@ import torch
 
 from companion import IGNORE_INDEX, reference
 from companion.causal_lm_loss import count_scored_targets
-from companion.exercises import ExerciseFailed, checker, expect, expect_close
+from companion.exercises import call, checker, expect, expect_close
 
 __all__: list[str] = []
-
-
-def _call(answer: Callable[..., Any], case: str, *args: Any) -> Any:
-    """Call the reader's function; an exception it raises fails ``case``."""
-    try:
-        return answer(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # the reader's code failed on this case
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ExerciseFailed(f"the function raised {type(error).__name__}: {message[:100]} ({case})") from error
 
 
 def _random_batch(batch: int, time: int, vocab: int, seed: int, drop: float = 0.3):
@@ -69,7 +58,7 @@ def _scored_targets(answer: Callable[..., Any]) -> int:
     ]
     for lengths, time, side in cases:
         case = f"lengths={lengths}, T={time}, {side} padding"
-        got = _call(answer, case, list(lengths), time, side)
+        got = call(answer, case, list(lengths), time, side)
         want = count_scored_targets(_padded_labels(lengths, time, side))
         expect(
             isinstance(got, int) and not isinstance(got, bool),
@@ -108,7 +97,7 @@ def _is_contiguous(answer: Callable[..., Any]) -> int:
     for shape, stride in cases:
         case = f"shape={shape}, stride={stride}"
         want = torch.empty_strided(shape, stride, device="meta").is_contiguous()
-        got = _call(answer, case, tuple(shape), tuple(stride))
+        got = call(answer, case, tuple(shape), tuple(stride))
         expect(
             isinstance(got, (bool, np.bool_)) and bool(got) == want,
             f"{case}: expected {want}; got {got!r}",
@@ -130,7 +119,7 @@ def _next_token_loss(answer: Callable[..., Any]) -> int:
     for batch, time, vocab, seed in cases:
         logits, labels = _random_batch(batch, time, vocab, seed)
         case = f"B={batch}, T={time}, V={vocab}" if time != vocab else f"B={batch}, T=V={time}"
-        got = _call(answer, case, logits.clone(), labels.clone())
+        got = call(answer, case, logits.clone(), labels.clone())
         _expect_loss(got, logits, labels, case)
     return len(cases)
 
@@ -145,7 +134,7 @@ def _time_major_flatten(answer: Callable[..., Any]) -> int:
         batch_major, labels = _random_batch(batch, time, vocab, seed)
         logits = batch_major.transpose(0, 1).contiguous()  # (T, B, V)
         case = f"T={time}, B={batch}, V={vocab}"
-        result = _call(answer, case, logits, labels.clone())
+        result = call(answer, case, logits, labels.clone())
         expect(
             isinstance(result, tuple) and len(result) == 2,
             f"{case}: expected a pair (flat_logits, flat_targets); got {type(result).__name__}",

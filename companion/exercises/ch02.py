@@ -17,20 +17,9 @@ import torch
 from companion import IGNORE_INDEX, reference
 from companion.causal_lm_loss import attention_mask_filter_loss, label_padding_loss, token_losses
 from companion.cross_entropy import perplexity
-from companion.exercises import ExerciseFailed, checker, expect, expect_close
+from companion.exercises import call, checker, expect, expect_close
 
 __all__: list[str] = []
-
-
-def _call(answer: Callable[..., Any], case: str, *args: Any) -> Any:
-    """Call the reader's function; an exception it raises fails ``case``."""
-    try:
-        return answer(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # the reader's code failed on this case
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ExerciseFailed(f"the function raised {type(error).__name__}: {message[:100]} ({case})") from error
 
 
 def _logits(batch: int, time: int, vocab: int, seed: int) -> torch.Tensor:
@@ -74,7 +63,7 @@ def _loss_with_scored_padding(answer: Callable[..., Any]) -> int:
         legacy = float(attention_mask_filter_loss(logits, labels, mask))
         n_answer = int((targets & (mask[:, 1:] != 0)).sum())
         pad_losses = token_losses(logits, labels)[padded]  # (|S_pad|,)
-        got = _call(answer, case, legacy, n_answer, pad_losses.clone())
+        got = call(answer, case, legacy, n_answer, pad_losses.clone())
         want = float(label_padding_loss(logits, labels))
         expect_close(got, want, f"{case} (|S_ans|={n_answer}, |S_pad|={pad_losses.numel()})", rtol=1e-9)
     return len(cases)
@@ -113,7 +102,7 @@ def _micro_batch_cases(vocab: int) -> dict[str, list[tuple[torch.Tensor, torch.T
 def _accumulated_loss(answer: Callable[..., Any]) -> int:
     for case, micro_batches in _micro_batch_cases(vocab=8).items():
         copies = [(x.clone(), y.clone()) for x, y in micro_batches]
-        got = _call(answer, case, copies)
+        got = call(answer, case, copies)
         denominator = sum(_scored(y) for _, y in micro_batches)
         want = _sum_reference(micro_batches, denominator)
         expect_close(got, want, f"{case}: step loss", rtol=1e-9)
@@ -131,7 +120,7 @@ def _corpus_perplexity(answer: Callable[..., Any]) -> int:
     for case, batches in cases.items():
         logged = [float(label_padding_loss(x, y)) for x, y in batches]
         labels = [y.clone() for _, y in batches]
-        got = _call(answer, case, list(logged), labels)
+        got = call(answer, case, list(logged), labels)
         scored = [(x, y) for x, y in batches if _scored(y) > 0]
         total = _sum_reference(scored, 1)
         want = perplexity(total, sum(_scored(y) for _, y in scored))
@@ -220,7 +209,7 @@ def _port_to_labels(answer: Callable[..., Any]) -> int:
     checks = 0
     for case, micro_batches in _port_cases(vocab=8).items():
         inputs = [(y.clone(), m.clone()) for _, y, m, _ in micro_batches]
-        result = _call(answer, case, inputs)
+        result = call(answer, case, inputs)
         for k, ((given_labels, given_mask), (_, labels, mask, _)) in enumerate(zip(inputs, micro_batches)):
             expect(
                 torch.equal(given_labels, labels) and torch.equal(given_mask, mask),
@@ -246,7 +235,7 @@ def _port_to_labels(answer: Callable[..., Any]) -> int:
                 isinstance(ported, torch.Tensor) and ported.shape == labels.shape,
                 f"{case}: micro-batch {k + 1}: expected labels of shape {tuple(labels.shape)}",
             )
-            loss = _call(
+            loss = call(
                 lambda x, y: label_padding_loss(x, y, num_items_in_batch=int(num_items)),
                 f"{case}: micro-batch {k + 1}: label_padding_loss on the returned labels",
                 logits,

@@ -17,16 +17,9 @@ import torch.nn.functional as F
 
 from companion import IGNORE_INDEX
 from companion.cross_entropy import perplexity
-from companion.exercises import ExerciseFailed, checker, expect, expect_close
+from companion.exercises import ExerciseFailed, as_float, checker, expect, expect_close
 
 __all__: list[str] = []
-
-
-def _float(value: Any, what: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError) as error:
-        raise ExerciseFailed(f"{what}: expected a number; got {type(value).__name__}") from error
 
 
 @checker("cross-entropy-ex1")
@@ -53,7 +46,7 @@ def _smoothed_optimum(answer: Callable[..., Any]) -> int:
         (gradient,) = torch.autograd.grad(loss, logits)
         zero = torch.zeros(num_classes, dtype=torch.float64)
         expect_close(gradient, zero, f"{case}: gradient of the loss at your logits", atol=1e-9)
-        got_floor = _float(floor, f"{case}: floor")
+        got_floor = as_float(floor, f"{case}: floor")
         expect_close(got_floor, loss.item(), f"{case}: floor (the loss at your logits)", rtol=1e-9)
         others = 3.0 * torch.randn(200, num_classes, dtype=torch.float64, generator=generator)
         random_losses = F.cross_entropy(
@@ -78,7 +71,7 @@ def _keras_case(logits: np.ndarray, answer_result: Any, case: str) -> float:
         value = loss(y_true, logits, sample_weight=sample_weight)
     except Exception as error:  # Keras refuses the labels or the weights
         raise ExerciseFailed(f"{case}: calling your loss raised {type(error).__name__}") from error
-    return _float(value, case)
+    return as_float(value, case)
 
 
 @checker("cross-entropy-ex2")
@@ -155,7 +148,7 @@ def _mixture_perplexity(answer: Callable[..., Any]) -> int:
             logits[uncertain:, 0] = 0.0
             targets = torch.zeros(num_targets, dtype=torch.long)
             total = F.cross_entropy(logits, targets, reduction="sum").item()
-            got = _float(answer(k, fraction), f"k = {k}, fraction = {fraction}")
+            got = as_float(answer(k, fraction), f"k = {k}, fraction = {fraction}")
             expect_close(got, perplexity(total, num_targets), f"k = {k}, fraction = {fraction}", rtol=1e-9)
             checks += 1
     return checks

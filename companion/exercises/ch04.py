@@ -14,16 +14,9 @@ from typing import Any
 import numpy as np
 
 from companion import reference
-from companion.exercises import ExerciseFailed, checker, expect, expect_close
+from companion.exercises import ExerciseFailed, as_float, checker, expect, expect_close
 
 __all__: list[str] = []
-
-
-def _float(value: Any, what: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError) as error:
-        raise ExerciseFailed(f"{what}: expected a number; got {type(value).__name__}") from error
 
 
 def _padded(lengths: list[int], width: int, rng: np.random.Generator, num_classes: int) -> np.ndarray:
@@ -57,7 +50,7 @@ def _real_token_loss(answer: Callable[..., Any]) -> int:
         labels = _padded(lengths, width, rng, 5)
         logits = rng.normal(scale=1.5, size=(len(lengths), width, 5))
         probabilities = reference.softmax(logits).astype(np.float32)
-        got = _float(answer(labels.copy(), probabilities.copy()), case)
+        got = as_float(answer(labels.copy(), probabilities.copy()), case)
         expect_close(got, _mean_over_real(probabilities, labels), case, rtol=1e-5)
         checks += 1
     return checks
@@ -95,7 +88,7 @@ def _mask_kept_through_the_middle(answer: Callable[..., Any]) -> int:
                     raise ExerciseFailed(f"{case}: the model raised {type(error).__name__}") from error
                 expect_close(output, probabilities, f"{case}: model output", rtol=1e-5, atol=1e-6)
                 want = _mean_over_real(probabilities, ids)
-                expect_close(_float(loss, case), want, f"{case}: loss", rtol=1e-5)
+                expect_close(as_float(loss, case), want, f"{case}: loss", rtol=1e-5)
                 # the lesson: the padding mask reaches the output, where any
                 # loss (not only one told which class is padding) uses it
                 mask = getattr(outputs, "_keras_mask", None)
@@ -171,6 +164,6 @@ def _keras3_reduction(answer: Callable[..., Any]) -> int:
                 None if mask is None else mask.copy(),
                 reduction,
             )
-            expect_close(_float(got, case), want, case, rtol=1e-5, atol=1e-6)
+            expect_close(as_float(got, case), want, case, rtol=1e-5, atol=1e-6)
             checks += 1
     return checks

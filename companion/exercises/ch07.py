@@ -10,19 +10,9 @@ from typing import Any
 import torch
 
 from companion import IGNORE_INDEX
-from companion.exercises import ExerciseFailed, checker, expect, expect_close
+from companion.exercises import ExerciseFailed, call, checker, expect, expect_close
 
 __all__: list[str] = []
-
-
-def _call(answer: Callable[..., Any], case: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the reader's function; an exception becomes a failed check."""
-    try:
-        return answer(*args, **kwargs)
-    except (NotImplementedError, ExerciseFailed):
-        raise
-    except Exception as error:
-        raise ExerciseFailed(f"{case}: the function raised {type(error).__name__}: {error}") from error
 
 
 def _expect_labels(got: Any, want: torch.Tensor, case: str) -> None:
@@ -65,7 +55,7 @@ def _keep_first_eos(answer: Callable[..., Any]) -> int:
     for case, (chosen, width) in picks.items():
         masked = training.make_batch(chosen, vocab, "pad_is_eos_masked", total_length=width)
         right = training.make_batch(chosen, vocab, "answer_only", total_length=width)
-        got = _call(answer, case, masked.input_ids.clone(), masked.labels.clone(), 2)
+        got = call(answer, case, masked.input_ids.clone(), masked.labels.clone(), 2)
         _expect_labels(got, right.labels, case)
         checks += 1
     # another end-of-sequence id, a prompt masked, a row without padding
@@ -81,7 +71,7 @@ def _keep_first_eos(answer: Callable[..., Any]) -> int:
         [-100, 6, 8, 7, -100, -100, -100],
     ])
     case = "eos_token_id = 7, prompts masked"
-    _expect_labels(_call(answer, case, input_ids.clone(), labels.clone(), 7), want, case)
+    _expect_labels(call(answer, case, input_ids.clone(), labels.clone(), 7), want, case)
     return checks + 1
 
 
@@ -114,7 +104,7 @@ def _summed_loss_over_step_count(answer: Callable[..., Any]) -> int:
     for start, stop in pieces:
         piece = logits[start:stop].clone().requires_grad_(True)
         case = f"micro-batch rows {start}..{stop - 1}, num_items_in_batch = tensor({total}.)"
-        got = _call(answer, case, {"logits": piece}, labels[start:stop].clone(),
+        got = call(answer, case, {"logits": piece}, labels[start:stop].clone(),
                     torch.tensor(float(total)))
         expect(isinstance(got, torch.Tensor) and got.dim() == 0,
                f"{case}: expected a 0-D tensor; got {type(got).__name__}")
@@ -126,14 +116,14 @@ def _summed_loss_over_step_count(answer: Callable[..., Any]) -> int:
                  "the micro-batches' losses summed, against the step's token mean", rtol=1e-5)
     # a micro-batch with no target at all: its share of the step is 0
     case = "a micro-batch whose labels are all -100"
-    got = _call(answer, case, {"logits": logits[3:4].clone()}, labels[3:4].clone(),
+    got = call(answer, case, {"logits": logits[3:4].clone()}, labels[3:4].clone(),
                 torch.tensor(float(total)))
     expect_close(got, 0.0, case)
     # an int count, B = 1, T = V
     logits_1 = torch.randn(1, V, V, generator=generator, dtype=torch.float64)
     labels_1 = torch.randint(0, V, (1, V), generator=generator)
     case = "B = 1, T = V, num_items_in_batch = 40 (an int)"
-    got = _call(answer, case, {"logits": logits_1}, labels_1.clone(), 40)
+    got = call(answer, case, {"logits": logits_1}, labels_1.clone(), 40)
     expect_close(got, _reference_loss(logits_1, labels_1, 40), case, rtol=1e-5)
     return checks + 3
 
@@ -183,7 +173,7 @@ def _packed_loss(answer: Callable[..., Any]) -> int:
     checks = 0
     for case, documents in cases.items():
         with torch.no_grad():
-            got = _call(answer, case, model, [list(d) for d in documents])
+            got = call(answer, case, model, [list(d) for d in documents])
         expect(isinstance(got, torch.Tensor) and got.numel() == 1,
                f"{case}: expected a 0-D tensor; got {type(got).__name__}")
         expect_close(got, _padded_loss(model, documents),
@@ -234,7 +224,7 @@ def _ahead_labels(answer: Callable[..., Any]) -> int:
     checks = 0
     _, labels, position_ids = _packed([[5, 7, 4]], generator)
     case = "ahead = 1, one packed row (5, 7, 4 tokens)"
-    _expect_labels(_call(answer, case, labels.clone(), position_ids.clone(), 1),
+    _expect_labels(call(answer, case, labels.clone(), position_ids.clone(), 1),
                    shift_labels_with_padding(labels), case)
     checks += 1
     one_row = torch.arange(12)[None]
@@ -242,7 +232,7 @@ def _ahead_labels(answer: Callable[..., Any]) -> int:
     for ahead in (2, 3):
         case = f"ahead = {ahead}, one unpacked row (T = 12)"
         want = torch.nn.functional.pad(plain, (0, ahead), value=IGNORE_INDEX)[..., ahead:]
-        _expect_labels(_call(answer, case, plain.clone(), one_row.clone(), ahead), want, case)
+        _expect_labels(call(answer, case, plain.clone(), one_row.clone(), ahead), want, case)
         checks += 1
     layouts = {
         "B = 2, packed rows (6, 1, 5 | 3, 4, 5 tokens)": [[6, 1, 5], [3, 4, 5]],
@@ -254,6 +244,6 @@ def _ahead_labels(answer: Callable[..., Any]) -> int:
         for ahead in (2, 3, 13):
             case = f"ahead = {ahead}, {layout_case}"
             want = torch.tensor(_expected_ahead(labels, layout, ahead))
-            _expect_labels(_call(answer, case, labels.clone(), position_ids.clone(), ahead), want, case)
+            _expect_labels(call(answer, case, labels.clone(), position_ids.clone(), ahead), want, case)
             checks += 1
     return checks

@@ -10,19 +10,9 @@ from typing import Any
 import torch
 
 from companion import IGNORE_INDEX
-from companion.exercises import ExerciseFailed, checker, expect, expect_close
+from companion.exercises import ExerciseFailed, call, checker, expect, expect_close
 
 __all__: list[str] = []
-
-
-def _call(answer: Callable[..., Any], case: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the reader's function; an exception becomes a failed check."""
-    try:
-        return answer(*args, **kwargs)
-    except (NotImplementedError, ExerciseFailed):
-        raise
-    except Exception as error:
-        raise ExerciseFailed(f"{case}: the function raised {type(error).__name__}: {error}") from error
 
 
 def _expect_targets(got: Any, want: torch.Tensor, case: str, *, from_column: int = 0) -> None:
@@ -67,7 +57,7 @@ def _restore_eos_targets(answer: Callable[..., Any]) -> int:
     for side in ("right", "left"):
         batch, pad, eos = _collated(True, side)
         case = f"DataCollatorForLanguageModeling, pad = eos, {side} padding"
-        got = _call(answer, case, _copy(batch), eos)
+        got = call(answer, case, _copy(batch), eos)
         # the collator's labels are input_ids with every pad id masked: with
         # the end of sequence restored, they are input_ids on the real tokens
         want = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
@@ -90,7 +80,7 @@ def _restore_eos_targets(answer: Callable[..., Any]) -> int:
     ])
     case = "eos_token_id = 7, prompts masked, B = 3"
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    _expect_targets(_call(answer, case, _copy(batch), 7), want, case)
+    _expect_targets(call(answer, case, _copy(batch), 7), want, case)
     # two turns in a row: each ends in its own end-of-sequence token
     input_ids = torch.tensor([[1, 5, 7, 6, 8, 7, 7], [7, 7, 1, 5, 7, 6, 7]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]])
@@ -98,7 +88,7 @@ def _restore_eos_targets(answer: Callable[..., Any]) -> int:
     want = torch.tensor([[-100, 5, 7, 6, 8, 7, -100], [-100, -100, -100, 5, 7, 6, 7]])
     case = "eos_token_id = 7, two turns per row, B = 2"
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    _expect_targets(_call(answer, case, _copy(batch), 7), want, case)
+    _expect_targets(call(answer, case, _copy(batch), 7), want, case)
     return checks + 2
 
 
@@ -121,7 +111,7 @@ def _mask_first_real_token(answer: Callable[..., Any]) -> int:
             if finding.code == "target-after-padding":
                 for b, t in finding.positions:
                     want[b, t] = IGNORE_INDEX
-        got = _call(answer, case, _copy(batch))
+        got = call(answer, case, _copy(batch))
         _expect_targets(got, want, case, from_column=1)
         checks += 1
     # no <bos>, a first label already -100, a row that is all padding, and a
@@ -146,10 +136,10 @@ def _mask_first_real_token(answer: Callable[..., Any]) -> int:
     want[0, 2] = want[4, 1] = IGNORE_INDEX
     case = "left padding without <bos>, B = 5"
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    _expect_targets(_call(answer, case, _copy(batch)), want, case, from_column=1)
+    _expect_targets(call(answer, case, _copy(batch)), want, case, from_column=1)
     case = "B = 1, one column of left padding"
     one = {"input_ids": input_ids[4:], "attention_mask": mask[4:], "labels": labels[4:]}
-    _expect_targets(_call(answer, case, _copy(one)), want[4:], case, from_column=1)
+    _expect_targets(call(answer, case, _copy(one)), want[4:], case, from_column=1)
     # padding labelled with the pad id (0): those labels stay as they are
     input_ids = torch.tensor([[0, 0, 5, 6, 8], [5, 6, 8, 0, 0], [0, 5, 0, 6, 8]])
     mask = (input_ids != 0).long()
@@ -157,7 +147,7 @@ def _mask_first_real_token(answer: Callable[..., Any]) -> int:
     want = torch.tensor([[0, 0, -100, 6, 8], [5, 6, 8, 0, 0], [0, -100, 0, -100, 8]])
     case = "padding labelled with the pad id, B = 3"
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    _expect_targets(_call(answer, case, _copy(batch)), want, case, from_column=1)
+    _expect_targets(call(answer, case, _copy(batch)), want, case, from_column=1)
     return checks + 3
 
 
@@ -179,7 +169,7 @@ def _summed_loss_model(answer: Callable[..., Any]) -> int:
     from companion.reference import causal_lm_loss
 
     inner = build_tiny_lm(seed=0)
-    model = _call(answer, "building the model around build_tiny_lm(seed=0)", inner)
+    model = call(answer, "building the model around build_tiny_lm(seed=0)", inner)
     expect(isinstance(model, torch.nn.Module), f"expected a torch.nn.Module; got {type(model).__name__}")
     batches = {
         "B = 2 of 3 and 9 targets, micro-batches of 1 row": (
@@ -190,13 +180,13 @@ def _summed_loss_model(answer: Callable[..., Any]) -> int:
     checks = 0
     for case, (batch, rows) in batches.items():
         with torch.no_grad():
-            output = _call(model, case, batch["input_ids"], labels=batch["labels"])
+            output = call(model, case, batch["input_ids"], labels=batch["labels"])
         expect(isinstance(output, dict) and "loss" in output and "logits" in output,
                f"{case}: forward should return a dict with 'loss' and 'logits'")
         want = causal_lm_loss(output["logits"].double().numpy(), batch["labels"].numpy())
         expect_close(output["loss"], want, f"{case}: loss without num_items_in_batch", rtol=1e-6)
         with torch.no_grad():
-            output = _call(model, case, batch["input_ids"], labels=batch["labels"],
+            output = call(model, case, batch["input_ids"], labels=batch["labels"],
                            num_items_in_batch=torch.tensor(40.0))
         want = causal_lm_loss(output["logits"].double().numpy(), batch["labels"].numpy(), num_items_in_batch=40)
         expect_close(output["loss"], want, f"{case}: loss with num_items_in_batch = 40", rtol=1e-6)
@@ -281,7 +271,7 @@ def _accumulation_preserved(answer: Callable[..., Any]) -> int:
         for name, (loss, preserved) in _LOSSES.items():
             want = preserved == "always" or (preserved == "one micro-batch" and rows >= B)
             where = f"{case}, loss = {name}"
-            got = _call(answer, where, loss, logits.clone(), labels.clone(), rows)
+            got = call(answer, where, loss, logits.clone(), labels.clone(), rows)
             if isinstance(got, torch.Tensor) and got.dtype == torch.bool and got.numel() == 1:
                 got = bool(got)
             if type(got).__name__ == "bool_":  # numpy's bool

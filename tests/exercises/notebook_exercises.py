@@ -62,6 +62,23 @@ class Exercise:
         stub = self.stub
         return GRADE.search(stub.source)["name"] if stub is not None else None
 
+    def solution_setup(self) -> list:
+        """The solution's code cells before the defining one that only
+        import and define (a class the function uses, say): they run with it."""
+        import ast
+
+        definition = self.solution_definition()
+        cells = []
+        for cell in self.solution_cells:
+            if cell is definition:
+                break
+            if cell.cell_type == "code":
+                body = ast.parse(cell.source).body
+                kinds = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
+                if body and all(isinstance(node, kinds) for node in body):
+                    cells.append(cell)
+        return cells
+
     def solution_definition(self):
         """The solution's code cell that defines the graded function."""
         name = self.graded_name

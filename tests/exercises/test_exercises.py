@@ -34,11 +34,13 @@ def wrong_answers(label: str) -> list:
     return list(wrong.WRONG.get(label, []))
 
 
-def run_cell(source: str) -> dict:
-    """Execute one notebook cell alone; ``grade`` is bound, its output kept quiet."""
+def run_cell(source: str, *before: str) -> dict:
+    """Execute one notebook cell (after the ``before`` cells) with nothing
+    else of the chapter; ``grade`` is bound, its output kept quiet."""
     namespace: dict = {"__name__": "exercise_cell", "grade": lambda label, function: None}
     with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(source, "<cell>", "exec"), namespace)
+        for code in (*before, source):
+            exec(compile(code, "<cell>", "exec"), namespace)
     return namespace
 
 
@@ -71,7 +73,8 @@ def test_every_checker_belongs_to_an_exercise():
 def test_the_solution_passes(exercise):
     cell = exercise.solution_definition()
     assert cell is not None, f"{exercise.label}: no solution cell defines {exercise.graded_name}()"
-    function = run_cell(cell.source)[exercise.graded_name]
+    setup = [c.source for c in exercise.solution_setup()]
+    function = run_cell(cell.source, *setup)[exercise.graded_name]
     assert grading.check(exercise.label, function) >= 1
 
 
