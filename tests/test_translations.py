@@ -104,3 +104,35 @@ def test_the_glue_is_written_in_as_myst_nb_shows_it():
     text = "{glue:text}`denom_example_token_mean:.4f` and {glue:text}`denom_example_ratio:.2f`"
     first, second = resolve(text).split(" and ")
     assert re.fullmatch(r"\d+\.\d{4}", first) and re.fullmatch(r"\d+\.\d{2}", second)
+
+
+def test_the_japanese_figures_are_current():
+    """Each figure of the chapters and the introduction's picture has a
+    Japanese image drawn from the current English figure, figure catalog and
+    plotting code (tools/translated_figures.py); a chapter re-run, a changed
+    translation or a changed figure function makes it stale."""
+    import translated_figures
+
+    stale = translated_figures.stale("ja")
+    assert not stale, (
+        f"Japanese figures missing or stale: {stale}; run `python tools/translated_figures.py ja`"
+    )
+
+
+def test_a_changed_english_figure_makes_its_translation_stale():
+    import nbformat
+    import translated_figures
+
+    path = ROOT / "book" / "01_tensor_shapes.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    cell_id, png = next(iter(translated_figures.figure_cells(path).items()))
+    assert translated_figures.swap_in(notebook, path.stem, "ja") == []
+    swapped = next(c for c in notebook.cells if c.id == cell_id)
+    assert translated_figures._png(swapped) != png  # the Japanese image is in place
+    rerun = nbformat.read(path, as_version=4)
+    changed = next(c for c in rerun.cells if c.id == cell_id)
+    for output in changed.outputs:
+        if "image/png" in output.get("data", {}):
+            output["data"]["image/png"] = png[:-20] + "A" * 20  # as if the chapter had been re-run
+    assert translated_figures.swap_in(rerun, path.stem, "ja") == [f"{path.stem}/{cell_id}"]
+    assert translated_figures._png(changed) == png[:-20] + "A" * 20  # left in English

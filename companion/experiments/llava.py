@@ -11,8 +11,7 @@ each loss route makes at realistic sizes, with or without the float32
 upcast.  :func:`release_filter_loss` replays LLaVA's old attention-mask
 filter as a given release wrote it (:func:`filter_target_mask`: the crop of
 4.45 or of 4.46-4.51), :func:`tiny_llava_processor` builds a
-``LlavaProcessor`` offline, and :func:`layers_phrase` writes a layer count
-as the chapter's prose says it.
+``LlavaProcessor`` offline.
 """
 
 from __future__ import annotations
@@ -67,7 +66,6 @@ __all__ = [
     "family_loss_table",
     "filter_target_mask",
     "first_answer_position",
-    "layers_phrase",
     "logits_copy_bytes",
     "release_filter_loss",
     "tiny_llava_processor",
@@ -564,15 +562,3 @@ def tiny_llava_processor(patch_size: int = PATCH_SIZE) -> Any:
         image_token="<image>",
     )
 
-
-def layers_phrase(count: int) -> str:
-    """A number of layers as the prose says it: ``"1 layer"``, ``"2 layers"``.
-
-    Args:
-        count: ``>= 1`` layers.
-
-    >>> layers_phrase(1), layers_phrase(2)
-    ('1 layer', '2 layers')
-    """
-    count = require_positive_int(count, "count")
-    return f"{count} layer" if count == 1 else f"{count} layers"

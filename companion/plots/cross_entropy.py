@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike
 from companion import IGNORE_INDEX
 from companion._checks import require_rows_and_targets
 from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
+from companion.plots.language import localized
 
 #: Font sizes in points, for a figure shown at the text width.
 LABEL_FONTSIZE: float = 10.0
@@ -31,6 +32,7 @@ def _style(ax: plt.Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.tick_params(labelsize=TICK_FONTSIZE)
 
 
+@localized
 def plot_naive_versus_stable(
     scales: ArrayLike, naive_loss: ArrayLike, stable_loss: ArrayLike
 ) -> plt.Figure:
@@ -77,6 +79,7 @@ def plot_naive_versus_stable(
     return fig
 
 
+@localized
 def plot_gradient_rows(grad: ArrayLike, targets: ArrayLike,
                        ignore_index: int = IGNORE_INDEX) -> plt.Figure:
     """The gradient ``dL/dlogits`` of a small batch as a heat map.
@@ -113,6 +116,7 @@ def plot_gradient_rows(grad: ArrayLike, targets: ArrayLike,
     return fig
 
 
+@localized
 def plot_clipped_probability_loss(
     true_loss: ArrayLike,
     from_logits_loss: ArrayLike,

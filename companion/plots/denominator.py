@@ -9,11 +9,13 @@ import numpy as np
 
 from companion.accumulation import token_weight_factors
 from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
+from companion.plots.language import localized
 
 LEGEND_PT = 9
 """Legend font size in points (tick labels and axis labels use 10 pt)."""
 
 
+@localized
 def plot_token_weights(
     counts: Sequence[int], group_label: str = "micro-batch"
 ) -> plt.Figure:
@@ -63,6 +65,7 @@ def plot_token_weights(
     return fig
 
 
+@localized
 def plot_naive_error_vs_imbalance(
     token_ratios: Sequence[float],
     naive_loss_error: Sequence[float],

@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from companion.plots import COLORS, TEXT_WIDTH_IN
+from companion.plots.language import localized
 
 _SWEEP_COLUMNS = (
     "padding_fraction",
@@ -18,6 +19,7 @@ _SWEEP_COLUMNS = (
 )
 
 
+@localized
 def reported_vs_true(sweep: pd.DataFrame) -> plt.Figure:
     """Loss and perplexity against padding: the wrong and the fixed reduction.
 

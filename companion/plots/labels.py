@@ -18,6 +18,7 @@ from companion._checks import (
     require_tensor,
 )
 from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
+from companion.plots.language import localized
 
 #: Cell classes of :func:`label_layout_grid`, in colour-map order.
 IGNORED, SCORED, PADDING = 0, 1, 2
@@ -60,6 +61,7 @@ def label_layout_grid(
     return np.where((attention_mask == 0).cpu().numpy(), PADDING, grid)
 
 
+@localized
 def plot_label_layout(
     labels: torch.Tensor,
     attention_mask: torch.Tensor,

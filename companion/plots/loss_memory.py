@@ -15,6 +15,7 @@ from matplotlib.ticker import (
 )
 
 from companion.plots import TEXT_WIDTH_IN, new_figure
+from companion.plots.language import localized
 
 MIB = 2**20
 TICK_PT = 9
@@ -106,6 +107,7 @@ def _first_index(values: Sequence[float], start: int, level: float) -> int:
     return -1
 
 
+@localized
 def plot_live_memory_timeline(
     timelines: Mapping[str, Mapping[str, Any]],
     logits_bytes: int,
@@ -214,6 +216,7 @@ _OUR_COLORS = ("#1f77b4", "#17becf", "#2ca02c", "#98df8a")
 _MARKERS = ("o", "s", "^", "v", "P", "X", "*", "h")
 
 
+@localized
 def plot_side_by_side(
     table: Any,
     highlight: Sequence[str] = (),
@@ -284,6 +287,7 @@ def plot_side_by_side(
     return fig
 
 
+@localized
 def plot_chunk_sweep(table: Any) -> plt.Figure:
     """Time and memory of the chunked loss over its chunk budget.
 

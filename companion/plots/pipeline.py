@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from companion.plots import TEXT_WIDTH_IN
+from companion.plots.language import localized
 
 FONT_PT = 9
 """Size of every text in the figure, in points (drawn at the text width)."""
@@ -130,6 +131,7 @@ def _row_top(row: int) -> float:
     return _height() - _TOP_MARGIN - row * _PITCH
 
 
+@localized
 def plot_pipeline() -> plt.Figure:
     """The loss computation from ``input_ids`` to the perplexity, with the
     chapters placed where they act.

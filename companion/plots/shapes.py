@@ -8,8 +8,10 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from companion.plots import COLORS, new_figure
+from companion.plots.language import localized
 
 
+@localized
 def plot_shift_alignment(tokens: Sequence[str]) -> plt.Figure:
     """Which logit row is scored against which label after the shift.
 
@@ -62,6 +64,7 @@ def plot_shift_alignment(tokens: Sequence[str]) -> plt.Figure:
     return fig
 
 
+@localized
 def plot_slice_in_memory(time: int, vocab: int, batches: Sequence[int] = (1, 2)) -> plt.Figure:
     """Where the elements of ``logits[..., :-1, :]`` sit in the flat storage.
 

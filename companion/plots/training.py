@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from companion.plots import COLORS, TEXT_WIDTH_IN, new_figure
+from companion.plots.language import localized
 
 LEGEND_PT = 9
 """Legend font size in points."""
@@ -22,6 +23,7 @@ def _check_lengths(**series: Sequence[float]) -> None:
         raise ValueError(f"series must have the same length; got {lengths}")
 
 
+@localized
 def plot_training_curves(
     logged_losses: Sequence[float],
     eval_steps: Sequence[int],
@@ -56,6 +58,7 @@ def plot_training_curves(
     return fig
 
 
+@localized
 def plot_logged_versus_validation(
     runs: Mapping[str, tuple[Sequence[float], Sequence[int], Sequence[float]]],
 ) -> plt.Figure:
@@ -94,6 +97,7 @@ def plot_logged_versus_validation(
     return fig
 
 
+@localized
 def plot_exact_answers(
     eval_steps: Sequence[int], shares: Mapping[str, Sequence[float]]
 ) -> plt.Figure:
@@ -118,6 +122,7 @@ def plot_exact_answers(
     return fig
 
 
+@localized
 def plot_trainer_curves(curves: Mapping[str, Sequence[float]]) -> plt.Figure:
     """The loss the ``Trainer`` logs per step, and each run's gap to the first.
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from companion.plots import COLORS, TEXT_WIDTH_IN
+from companion.plots.language import localized
 from companion.plots.cross_entropy import LEGEND_FONTSIZE, LABEL_FONTSIZE, TICK_FONTSIZE, TITLE_FONTSIZE
 
 __all__ = ["plot_loss_to_entropy"]
@@ -20,6 +21,7 @@ _CURVES = (
 )
 
 
+@localized
 def plot_loss_to_entropy(
     history: pd.DataFrame, entropy_rate: float, vocab_size: int, *, zoom_from: int = 20
 ) -> plt.Figure:

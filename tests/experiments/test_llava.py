@@ -475,11 +475,3 @@ def test_llava_processor_always_returns_an_attention_mask():
         lv.tiny_llava_processor(patch_size=0)
 
 
-def test_layers_phrase():
-    assert lv.layers_phrase(1) == "1 layer"
-    assert lv.layers_phrase(2) == "2 layers"
-    assert lv.layers_phrase(tm.VISION_LAYERS) == f"{tm.VISION_LAYERS} layers"
-    with pytest.raises(ValueError, match="count must be >= 1"):
-        lv.layers_phrase(0)
-    with pytest.raises(TypeError, match="count must be an int"):
-        lv.layers_phrase(True)

@@ -1,6 +1,7 @@
 """Full-page screenshots of every chapter of the built site, for review by eye.
 
-Usage: ``make screenshots`` (after ``make book``); PNGs go to _build/screenshots/.
+Usage: ``make screenshots`` (after ``make book``); PNGs go to _build/screenshots/,
+the Japanese edition's pages as ``ja-<page>.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 def main(chromium: str = "/usr/bin/chromium", width: int = 1280) -> None:
-    pages = sorted((SITE / "book").glob("*.html"))
+    pages = sorted((SITE / "book").glob("*.html")) + sorted((SITE / "ja" / "book").glob("*.html"))
     if not pages:
         sys.exit(f"no built pages under {SITE}: run `make book` first")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,8 @@ def main(chromium: str = "/usr/bin/chromium", width: int = 1280) -> None:
             page.goto(f"{base}/{path.relative_to(SITE).as_posix()}", wait_until="load")
             page.wait_for_function("() => !window.MathJax || (MathJax.startup && MathJax.startup.promise)")
             page.evaluate("() => window.MathJax ? MathJax.startup.promise : null")
-            target = OUT / f"{path.stem}.png"
+            prefix = "ja-" if path.parent.parent.name == "ja" else ""
+            target = OUT / f"{prefix}{path.stem}.png"
             page.screenshot(path=str(target), full_page=True)
             print(target.relative_to(ROOT))
         browser.close()
