@@ -5,7 +5,8 @@
 # Optional: make test-portable   strict nbval again under other CPU kernels,
 #               one thread, and offline (see tests/portability.sh)
 #           make slides   rebuild the chapter decks (make book builds them too)
-#           make pdf      the book as one PDF (installs TeX Live from Debian)
+#           make pdf      the book as one PDF, in English and in Japanese
+#                         (installs TeX Live from Debian)
 #           make student  the student edition: site and notebooks, no solutions
 # Both create .venv and install the pinned requirements when needed.
 
@@ -21,8 +22,9 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONHASHSEED := 0
 # Stored outputs are computed, and tested, on the CPU only: a reader's
-# COMPANION_DEVICE (see companion/device.py) never reaches make's commands.
-unexport COMPANION_DEVICE
+# COMPANION_DEVICE (see companion/device.py) never reaches make's commands,
+# nor COMPANION_LANGUAGE (the figures' language, companion/plots/language.py).
+unexport COMPANION_DEVICE COMPANION_LANGUAGE
 
 .PHONY: book test test-portable unit nbval site notebooks lab lab-source screenshots benchmark benchmark-quick clean history slides pdf student
 
@@ -56,22 +58,31 @@ book: $(STAMP) $(REVEAL)
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 	@echo "The Japanese edition: file://$(CURDIR)/_build/html/ja/index.html"
 
-# The chapter decks alone, into the built site (after `make book`).
+# The chapter decks alone, both editions, into the built site (after `make book`).
 slides: $(STAMP) $(REVEAL)
 	@test -f _build/html/index.html || { echo "run make book first"; exit 1; }
 	$(BIN)/python tools/slides.py _build/html/slides .slides-deps/revealjs
+	$(BIN)/python tools/translations.py slides ja _build/html/ja/slides
 
 # The whole book as one PDF through XeLaTeX: _build/book.pdf, also copied
 # into the site (_build/html/book.pdf, which every page links) when the site
-# is built.  Installs TeX Live from Debian when it is missing, then checks
-# the PDF (tests/pdf).
+# is built; and the Japanese edition's, from the same copy of the sources
+# as its site (_build/ja-src, tools/translations.py prepare: xeCJK and the
+# Noto CJK fonts, book/_latex/bookja.sty): _build/book-ja.pdf, copied to
+# _build/html/ja/book.pdf when the Japanese site is built.  Installs TeX
+# Live from Debian when it is missing, then checks both PDFs (tests/pdf).
 pdf: $(STAMP)
 	bash tools/system_packages.sh pdf
 	$(BIN)/python -m companion.plots.pipeline book/images/pipeline.pdf
-	rm -rf _build/pdf
+	rm -rf _build/pdf _build/pdf-ja
 	$(BIN)/jupyter-book build . --builder pdflatex --path-output _build/pdf
 	cp _build/pdf/_build/latex/book.pdf _build/book.pdf
 	if [ -d _build/html ]; then cp _build/book.pdf _build/html/book.pdf; fi
+	$(BIN)/python tools/translations.py prepare ja _build/ja-src
+	COMPANION_LANGUAGE=ja $(BIN)/python -m companion.plots.pipeline _build/ja-src/book/images/pipeline.pdf
+	$(BIN)/jupyter-book build _build/ja-src --builder pdflatex --path-output _build/pdf-ja
+	cp _build/pdf-ja/_build/latex/book.pdf _build/book-ja.pdf
+	if [ -d _build/html/ja ]; then cp _build/book-ja.pdf _build/html/ja/book.pdf; fi
 	$(BIN)/python -m pytest tests/pdf -q -rs -s
 
 # The student edition: the site (_build/student/html) and the notebooks

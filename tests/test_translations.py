@@ -136,3 +136,24 @@ def test_a_changed_english_figure_makes_its_translation_stale():
             output["data"]["image/png"] = png[:-20] + "A" * 20  # as if the chapter had been re-run
     assert translated_figures.swap_in(rerun, path.stem, "ja") == [f"{path.stem}/{cell_id}"]
     assert translated_figures._png(changed) == png[:-20] + "A" * 20  # left in English
+
+
+def test_the_japanese_glossary_maps_back_from_english(tmp_path):
+    """The Japanese copy's glossary ends with a table from every English term,
+    alphabetically, to its Japanese entry; the English cells do not read as a
+    term's catalog entry (Sphinx would translate them)."""
+    page = tmp_path / "glossary.md"
+    page.write_text((ROOT / "book" / "glossary.md").read_text(encoding="utf-8"), encoding="utf-8")
+    translated = translations._translations(CATALOGS / "book" / "glossary.po")
+    translations._glossary_index(page, translated, "ja")
+    terms = translations.glossary_terms((ROOT / "book" / "glossary.md").read_text(encoding="utf-8"))
+    rows = re.findall(r"^\| (.+?) \| \{term\}`(.+?) <(.+?)>` \|$", page.read_text(encoding="utf-8"), re.M)
+    assert len(rows) == len(terms) >= 30
+    assert [target for _, _, target in rows] == sorted((t.strip("`") for t in terms), key=str.lower)
+    for english, japanese, target in rows:
+        assert english.strip("*`") == target
+        # a translated cell would show the Japanese in the English column
+        assert english not in translated or translated[english] == english, english
+        if not english.startswith("`"):  # a code name is its own translation
+            assert re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", japanese), (english, japanese)
+            assert target not in japanese, (english, japanese)

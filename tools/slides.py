@@ -20,11 +20,19 @@ have none (the rules are in :func:`default_slide_type`); the build then
   registry, fetched at install time) and MathJax 3 (the site's copy) next
   to the decks, so a deck needs no network.
 
+A deck in another language (``language="ja"``) is built the same way from
+a translated copy of the chapters (``tools/translate_notebooks.py``, run by
+``tools/translations.py build ja``) into the translated site's ``slides/``:
+what the deck adds itself (the closing slide's sentence, the exercises'
+details, the ``lang`` of the page) is in that language too, and its links
+to the book's pages, relative, land in the same edition.
+
 Usage::
 
     python tools/slides.py --assign            # add missing metadata in book/
     python tools/slides.py --fetch REVEAL_DIR  # reveal.js, from PyPI (install time)
-    python tools/slides.py OUT_DIR REVEAL_DIR  # build every deck into OUT_DIR
+    python tools/slides.py OUT_DIR REVEAL_DIR [SOURCE_DIR [LANGUAGE]]
+                                               # build every deck into OUT_DIR
 
 reveal.js itself comes from PyPI: the wheel of ``sphinx-revealjs`` (pinned
 below) carries reveal.js's distribution files; ``--fetch`` downloads that
@@ -40,6 +48,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import nbformat
 
@@ -57,6 +66,29 @@ HEADING = re.compile(r"^(#{1,3}) ", re.M)
 EXERCISE_START = re.compile(r"^```\{exercise-start\}[ \t]*([^\n]*)\n((?::[\w-]+:[^\n]*\n)*)```", re.M)
 DIFFICULTY = re.compile(r"\*\*Difficulty:\*\*\s*(easy|medium|hard)")
 KIND = re.compile(r"\*\*Kind:\*\*\s*([^\n·]+)")
+# an exercise's details in any language: "**Difficulty:** easy · **Kind:** implement"
+DETAILS = re.compile(r"^\*\*([^*\n]+?)[:：]\*\*\s*([^\n·]+?)\s*·\s*\*\*[^*\n]+?[:：]\*\*\s*([^\n]+?)\s*$", re.M)
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]")
+# what a deck says itself, in each language it is built in
+WORDS = {
+    "en": {
+        "solutions": "Solutions: in the book; the student edition leaves them out.",
+        "title": "{title} slides",
+        "details": " ({difficulty}, {kind})",
+        "admonitions": {},
+    },
+    "ja": {
+        "solutions": "解答は本書にあります（学生版には含まれません）。",
+        "title": "{title}（スライド）",
+        "details": "（{label}：{difficulty}、{kind}）",
+        # an exercise referred to by its label: the number the site gives it
+        "exercise": "練習 {chapter}.{number}",
+        "admonitions": {
+            "admonition": "注", "note": "注", "tip": "ヒント", "hint": "ヒント", "warning": "警告",
+            "important": "重要", "caution": "注意", "attention": "注意", "seealso": "参照",
+        },
+    },
+}
 REVEAL_WHEEL = "sphinx-revealjs==3.2.1"  # carries reveal.js 5.2.0 (MIT)
 MAX_CODE_LINES = 14  # a visible code cell with its output, shown on a slide
 MAX_TABLE_ROWS = 20  # a table (or a figure, counted as 20) shown on a slide
@@ -158,12 +190,19 @@ def assign(notebook_path: Path) -> int:
     return changed
 
 
+def _words(text: str) -> float:
+    """The length of ``text`` in English words (three Japanese characters
+    take about the room of one word)."""
+    return len(CJK.sub(" ", text).split()) + len(CJK.findall(text)) / 3
+
+
 def split_lead(source: str) -> tuple[str, str]:
     """``(heading and lead paragraph, the rest)`` of a markdown cell.
 
     The lead is the first paragraph after the heading, cut after its first
-    sentence when it runs past 70 words.  Blocks (math, directives, tables,
-    lists) are never cut: the lead stops before them.
+    sentence when it runs past 70 words (or as much Japanese).  Blocks
+    (math, directives, tables, lists) are never cut: the lead stops before
+    them.
     """
     paragraphs = re.split(r"\n\s*\n", source.strip())
     kept: list[str] = []
@@ -172,17 +211,18 @@ def split_lead(source: str) -> tuple[str, str]:
         kept.append(rest.pop(0))
     if rest and not re.match(r"\s*(\$\$|```|:::|\||[-*] |\d+\. |<)", rest[0]):
         lead = rest.pop(0)
-        words = lead.split()
-        if len(words) > 70:
-            sentence = re.match(r"(.+?[.!?])(\s+[A-Z(`$]|$)", lead, re.S)
-            if sentence and len(sentence[1].split()) < len(words):
-                rest.insert(0, lead[len(sentence[1]):].strip())
-                lead = sentence[1]
+        if _words(lead) > 70:
+            # the first sentence: English, or Japanese (which ends with "。")
+            match = re.match(r"(.+?[.!?])(?=\s+[A-Z(`$]|$)|(.+?。)", lead, re.S)
+            sentence = match and (match[1] or match[2])
+            if sentence and len(sentence) < len(lead.rstrip()):
+                rest.insert(0, lead[len(sentence):].strip())
+                lead = sentence
         kept.append(lead)
     return "\n\n".join(kept), "\n\n".join(rest)
 
 
-def _myst_to_markdown(text: str) -> str:
+def _myst_to_markdown(text: str, language: str = "en") -> str:
     """MyST blocks that nbconvert's markdown renderer cannot draw, as markdown."""
     text = re.sub(r"^\([\w-]+\)=\s*$\n?", "", text, flags=re.M)  # targets
     text = re.sub(r"^%.*$\n?", "", text, flags=re.M)  # comments
@@ -190,7 +230,7 @@ def _myst_to_markdown(text: str) -> str:
     def admonition(match: re.Match[str]) -> str:
         kind, title, body = match.group(2), match.group(3).strip(), match.group(4)
         body = re.sub(r"^:[\w-]+:.*$\n?", "", body, flags=re.M).strip()
-        heading = title or kind.capitalize()
+        heading = title or WORDS[language]["admonitions"].get(kind, kind.capitalize())
         return f"> **{heading}**\n>\n" + "\n".join(f"> {line}" if line else ">" for line in body.splitlines())
 
     fence = r"(```|:::)\{(admonition|note|tip|warning|important|caution|seealso|attention|hint)\}([^\n]*)\n(.*?)^\1"
@@ -237,57 +277,115 @@ def _split_at_headings(cell: nbformat.NotebookNode, kind: str) -> list[tuple[str
     return out
 
 
-def _link_to_site(text: str) -> str:
+def _link_to_site(text: str, labels: dict[str, str] | None = None) -> str:
     """Links between the book's pages, pointed at the site's pages (the
-    decks live in ``slides/`` beside ``book/``)."""
+    decks live in ``slides/`` beside ``book/``, in each edition).
+
+    ``labels``: the lab copies' heading anchors (the heading's text, spaces
+    as ``-``) of the headings that carry a ``(label)=``, and the label; a
+    link to one of them goes to the label, an id of the page in every
+    edition (a translated heading's text is not).
+    """
     from urllib.parse import unquote
 
     from docutils.nodes import make_id
 
+    labels = labels or {}
+
     def link(match: re.Match[str]) -> str:
         # the lab copies link headings by their text; the site's ids are
-        # docutils' ids of the same text
-        anchor = f"#{make_id(unquote(match[2]))}" if match[2] else ""
+        # the label's or docutils' ids of the English text
+        anchor = unquote(match[2]) if match[2] else ""
+        anchor = f"#{labels.get(anchor) or make_id(anchor)}" if anchor else ""
         return f"](../book/{match[1]}.html{anchor})"
 
     return re.sub(r"\]\((\w+)\.(?:ipynb|md)(?:#([^)]*))?\)", link, text)
 
 
-def _exercise_list(cells: list) -> str:
+def _exercise_list(cells: list, language: str = "en") -> str:
     rows = []
     for cell in cells:
         if cell.cell_type != "markdown":
             continue
         for title, _ in EXERCISE_START.findall(cell.source):
-            difficulty, kind = DIFFICULTY.search(cell.source), KIND.search(cell.source)
-            detail = ", ".join(x for x in (difficulty and difficulty[1], kind and kind[1].strip()) if x)
-            rows.append(f"{len(rows) + 1}. {title.strip()}" + (f" ({detail})" if detail else ""))
+            details = DETAILS.search(cell.source)
+            if details:
+                label, difficulty, kind = (part.strip() for part in details.groups())
+                detail = WORDS[language]["details"].format(label=label, difficulty=difficulty, kind=kind)
+            else:
+                difficulty, kind = DIFFICULTY.search(cell.source), KIND.search(cell.source)
+                detail = ", ".join(x for x in (difficulty and difficulty[1], kind and kind[1].strip()) if x)
+                detail = f" ({detail})" if detail else ""
+            rows.append(f"{len(rows) + 1}. {title.strip()}{detail}")
     return "\n".join(rows)
 
 
-def deck(chapter: nbformat.NotebookNode) -> nbformat.NotebookNode:
+def _exercises_heading(cells: list, start: int) -> int | None:
+    """The index of the cell whose (last) ``##`` heading opens the exercises,
+    in any language: the last section heading before the first exercise;
+    None for a chapter without exercises."""
+    if not any(c.cell_type == "markdown" and EXERCISE_START.search(c.source) for c in cells):
+        return None
+    for index in range(min(start, len(cells) - 1), -1, -1):
+        cell = cells[index]
+        if cell.cell_type == "markdown" and re.search(r"(?m)^## ", cell.source):
+            return index
+    return None
+
+
+def _exercise_refs(text: str, chapter: str, language: str) -> str:
+    """An exercise referred to by its label reads "Exercise N" in the lab
+    copies; in a translated deck it reads as the site numbers it."""
+    form = WORDS[language].get("exercise")
+    number = re.match(r"(\d\d)_", chapter)
+    if not form or not number:
+        return text
+    return re.sub(
+        r"\bExercise (\d+)\b",
+        lambda m: form.format(chapter=int(number[1]), number=m[1]),
+        text,
+    )
+
+
+def deck(
+    chapter: nbformat.NotebookNode,
+    language: str = "en",
+    labels: dict[str, str] | None = None,
+    name: str = "",
+) -> nbformat.NotebookNode:
     """The deck of a chapter (its roles already resolved): the cells the
-    slides show, in order, with the slide types nbconvert reads."""
+    slides show, in order, with the slide types nbconvert reads.
+
+    ``language``: the language of the chapter's prose, and of what the deck
+    adds; ``labels``: see :func:`_link_to_site`; ``name``: the chapter's
+    file stem (``NN_topic``).
+    """
+    words = WORDS[language]
     out = copy.deepcopy(chapter)
     cells = []
     start = _exercise_section_starts(chapter.cells)
+    exercises = _exercises_heading(chapter.cells, start)
     for index, original in enumerate(chapter.cells):
         kind = slide_type(original) or default_slide_type(original, index >= start)
         if kind == "skip":
             continue
-        for number, (part, part_kind) in enumerate(_split_at_headings(original, kind)):
+        parts = _split_at_headings(original, kind)
+        # the part that opens the exercises: the exercises' cell's last section
+        listing_part = max(
+            (n for n, (part, _) in enumerate(parts) if part.lstrip().startswith("## ")), default=None
+        ) if index == exercises else None
+        for number, (part, part_kind) in enumerate(parts):
             cell = copy.deepcopy(original)
             if number and "id" in cell:
                 cell["id"] = f"{cell['id']}-{number}"  # ids stay unique
             cell.metadata["slideshow"] = {"slide_type": part_kind}
             if cell.cell_type == "markdown":
-                source = _link_to_site(_myst_to_markdown(part))
-                if index >= start and source.lstrip().startswith("## Exercises"):
-                    listing = _exercise_list(chapter.cells[start:])
-                    cell.source = (
-                        "## Exercises\n\n" + listing
-                        + "\n\nSolutions: in the book; the student edition leaves them out."
-                    )
+                source = _link_to_site(_myst_to_markdown(part, language), labels)
+                source = _exercise_refs(source, name, language)
+                if number == listing_part:
+                    listing = _exercise_list(chapter.cells[start:], language)
+                    heading = source.lstrip().splitlines()[0]
+                    cell.source = heading + "\n\n" + listing + "\n\n" + words["solutions"]
                     cells.append(cell)
                     continue
                 if part_kind in ("slide", "subslide"):
@@ -345,13 +443,33 @@ def _copy_reveal(reveal_dir: Path, out_dir: Path) -> None:
     shutil.copy(reveal_dir / "LICENSE", target / "LICENSE")
 
 
+def _heading_labels(source: Path) -> dict[str, str]:
+    """The lab copies' anchor of every labelled heading, and its label."""
+    labels = {}
+    for path in sorted(source.glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "markdown":
+                for label, heading in lab_notebooks.LABEL.findall(cell.source):
+                    labels[heading.strip().replace(" ", "-")] = label
+    return labels
+
+
 def build(
     out_dir: Path,
     reveal_dir: Path,
     mathjax_url: str = "../_static/mathjax/tex-chtml.js",
     source: Path = ROOT / "book",
+    language: str = "en",
 ) -> list[Path]:
-    """Write ``NN_topic.slides.html`` for every chapter of ``source`` into ``out_dir``."""
+    """Write ``NN_topic.slides.html`` for every chapter of ``source`` into ``out_dir``.
+
+    ``language``: the language of ``source``'s prose (a translated copy for
+    any but ``"en"``) and of the words the deck adds.  ``out_dir`` is the
+    ``slides/`` folder of that language's site: the MathJax, favicon and
+    page links are relative, into the same site.
+    """
+    if language not in WORDS:
+        raise ValueError(f"no deck words for language {language!r}: add them to WORDS")
     from nbconvert import SlidesExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
     from traitlets.config import Config
@@ -366,6 +484,7 @@ def build(
     config.TagRemovePreprocessor.enabled = True
     written = []
     with tempfile.TemporaryDirectory() as tmp:
+        labels = _heading_labels(source)
         copies = lab_notebooks.make_copies(source, Path(tmp))
         for path in copies:
             if not re.match(r"\d\d_", path.name):
@@ -383,9 +502,24 @@ def build(
                 mathjax_url=mathjax_url,
                 exclude_input_prompt=True,
                 exclude_output_prompt=True,
+                language_code=language,
             )
             exporter.register_preprocessor(TagRemovePreprocessor(config=config), enabled=True)
-            body, _ = exporter.from_notebook_node(deck(notebook), resources={"metadata": {"name": _title(notebook)}})
+            body, _ = exporter.from_notebook_node(
+                deck(notebook, language, labels, path.stem), resources={"metadata": {"name": _title(notebook)}}
+            )
+            # nbconvert's reveal template names the page "<title> slides"
+            body = re.sub(
+                r"<title>(.*?) slides</title>",
+                lambda m: "<title>" + WORDS[language]["title"].format(title=m[1]) + "</title>",
+                body,
+                count=1,
+            )
+            # nbconvert percent-encodes a heading's id; the link to it stays
+            # encoded (a URL), the id itself is the heading's text
+            body = re.sub(
+                r'(<h[1-6] id=")([^"]*%[0-9A-Fa-f]{2}[^"]*)"', lambda m: m[1] + unquote(m[2]) + '"', body
+            )
             # images beside the chapters (the introduction's figure) are not
             # used by any chapter deck; outputs are embedded as data URIs
             target = out_dir / f"{path.stem}.slides.html"
@@ -412,11 +546,12 @@ def main(argv: list[str]) -> int:
         fetch_reveal(Path(argv[1]))
         print(f"reveal.js in {argv[1]}")
         return 0
-    if len(argv) not in (2, 3):
+    if len(argv) not in (2, 3, 4):
         print(__doc__, file=sys.stderr)
         return 2
-    source = Path(argv[2]) if len(argv) == 3 else ROOT / "book"
-    written = build(Path(argv[0]), Path(argv[1]), source=source)
+    source = Path(argv[2]) if len(argv) >= 3 else ROOT / "book"
+    language = argv[3] if len(argv) == 4 else "en"
+    written = build(Path(argv[0]), Path(argv[1]), source=source, language=language)
     print(f"{len(written)} decks in {argv[0]}")
     return 0
 

@@ -2,7 +2,7 @@
 # Install the Debian packages a make target needs, when they are missing.
 #   tools/system_packages.sh browser   Chromium and a Japanese font (the browser tests)
 #   tools/system_packages.sh network   iproute2 (the offline leg of test-portable)
-#   tools/system_packages.sh pdf       TeX Live for XeLaTeX, fonts, poppler-utils
+#   tools/system_packages.sh pdf       TeX Live for XeLaTeX (and xeCJK), fonts, poppler-utils
 # Several groups may be named at once.  Uses sudo when not root; does
 # nothing when every command of the groups is already there.
 set -euo pipefail
@@ -36,6 +36,10 @@ for group in "$@"; do
       need_lean xelatex texlive-xetex texlive-latex-recommended texlive-latex-extra \
         texlive-fonts-recommended fonts-freefont-otf
       need_lean pdffonts poppler-utils
+      # the Japanese edition's PDF: xeCJK (texlive-lang-cjk; its ctexhook is
+      # book/_latex/ctexhook.sty) and the Noto CJK fonts (Serif and Sans JP)
+      kpsewhich xeCJK.sty >/dev/null 2>&1 || lean+=(texlive-lang-cjk)
+      fc-list "Noto Serif CJK JP" 2>/dev/null | grep -q . || lean+=(fonts-noto-cjk)
       ;;
     *) echo "unknown group: $group (browser, network, pdf)" >&2; exit 2 ;;
   esac

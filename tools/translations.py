@@ -11,7 +11,9 @@ the catalogs: they are shared with the English edition.  The exercises'
 titles, which sphinx-exercise does not offer for translation, have a
 catalog of their own, ``locales/<language>/LC_MESSAGES/_exercise_titles.po``.
 
-``python tools/translations.py build ja OUT`` builds the Japanese site into
+``python tools/translations.py prepare ja [SRC]`` writes that copy alone
+(for the PDF); ``python tools/translations.py slides ja OUT`` builds the
+chapter decks alone.  ``python tools/translations.py build ja OUT`` builds the Japanese site into
 ``OUT`` (``make book``: ``_build/html/ja``) from a copy of the sources
 (``_build/ja-src``) in which two things are done first, the same way in the
 pages and in the catalogs:
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import json
 import re
+import shutil
 
 import nbformat
 from babel.messages.catalog import Catalog
@@ -44,14 +47,24 @@ LOCALES = ROOT / "locales"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lab_notebooks  # noqa: E402
+import translated_figures  # noqa: E402
 from book_sources import build_site, copy_sources  # noqa: E402
 
 TITLES = "_exercise_titles.po"
+PROJECT = "How Language Models Compute Their Training Loss"
 EXERCISE_TITLE = re.compile(r"^(```\{exercise-start\}[ \t]*)([^\n]+)$", re.M)
 SETTINGS = {
     "ja": {
         "title": "言語モデルは学習損失をどう計算するか",
         "html_search_language": "ja",
+        # MyST-NB's button on a collapsed cell ("Show code cell source")
+        "nb_code_prompt_show": "コードセルを表示",
+        "nb_code_prompt_hide": "コードセルを隠す",
+        # the PDF (make pdf): XeLaTeX with xeCJK and Noto CJK; see book/_latex/bookja.sty
+        "latex_elements": {"preamble": r"\usepackage{bookja}"},
+        "latex_additional_files": [
+            "book/_latex/bookja.sty", "book/_latex/ctexhook.sty", "book/_latex/ucharclasses.sty",
+        ],
     },
 }
 
@@ -101,6 +114,14 @@ def _merge(template: Catalog, target: Path, language: str) -> None:
     else:
         catalog = Catalog(locale=language)
         catalog.update(template)
+    # the header: the book's, reviewed (not gettext's placeholders, not fuzzy)
+    catalog.project, catalog.version = PROJECT, ""
+    catalog.copyright_holder = "the authors"
+    catalog.msgid_bugs_address = ""
+    catalog.last_translator = catalog.language_team = f"{PROJECT} ({language})"
+    catalog.header_comment = f"# {language} messages of: {PROJECT}\n# {target.relative_to(ROOT)}"
+    catalog.revision_date = catalog.creation_date
+    catalog.fuzzy = False
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as handle:
         write_po(handle, catalog, width=0, omit_header=False, ignore_obsolete=True)
@@ -126,10 +147,48 @@ def _glue_resolver(notebook_path: Path):
     return resolve
 
 
-def build(language: str, html: Path) -> Path:
-    """Build the site in ``language`` into ``html``; return the sources' copy."""
+GLOSSARY_INDEX = {
+    "ja": ("(glossary-from-english)=\n## 英語の用語から引く\n\n"
+           "英語の用語（アルファベット順）から、この用語集の項目へ：\n\n"
+           # the PDF: two columns that share the text width
+           "```{tabularcolumns} \\Y{0.4}\\Y{0.6}\n```\n\n| English | 日本語 |\n| --- | --- |\n"),
+}
+
+
+def glossary_terms(text: str) -> list[str]:
+    """The terms of the glossary page's ``{glossary}`` block, in order."""
+    block = re.search(r"^```\{glossary\}\n(.*?)^```$", text, re.S | re.M)
+    if not block:
+        raise ValueError("the glossary page has no {glossary} block")
+    return [line for line in block[1].splitlines() if line.strip() and not line[0].isspace()]
+
+
+def _glossary_index(page: Path, translated: dict[str, str], language: str) -> None:
+    """Append to the copy's glossary the way back: each English term, its
+    translation, linked to the entry (the entries themselves give the
+    translation with the English beside it)."""
+    text = page.read_text(encoding="utf-8")
+    rows = []
+    for term in sorted(glossary_terms(text), key=lambda t: t.strip("`").lower()):
+        target = term.strip("`")
+        shown = translated.get(term, term).replace("`", "")
+        # the English is in the first column: drop it from the parenthesis
+        shown = re.sub(rf"[、,]\s*{re.escape(target)}(?=）)|（{re.escape(target)}）", "", shown)
+        # in italics (code stays code): a cell that reads exactly as a term
+        # would be translated by the term's own catalog entry
+        english = term if term.startswith("`") else f"*{term}*"
+        rows.append(f"| {english} | {{term}}`{shown} <{target}>` |")
+    page.write_text(text.rstrip("\n") + "\n\n" + GLOSSARY_INDEX[language] + "\n".join(rows) + "\n", encoding="utf-8")
+
+
+def prepare(language: str, source: Path | None = None) -> Path:
+    """Write the sources' copy for ``language`` (default ``_build/<language>-src``); return it.
+
+    The copy is what every output in that language is built from: the site
+    (:func:`build`), the PDF (``make pdf``) and the decks.
+    """
     settings = SETTINGS[language]
-    source = ROOT / "_build" / f"{language}-src"
+    source = source or ROOT / "_build" / f"{language}-src"
     copy_sources(source)
     catalogs = LOCALES / language / "LC_MESSAGES"
     titles = _translations(catalogs / TITLES)
@@ -142,6 +201,10 @@ def build(language: str, html: Path) -> Path:
                 cell.source = EXERCISE_TITLE.sub(
                     lambda m: m.group(1) + titles.get(m.group(2).strip(), m.group(2)), text
                 )
+        # the figures drawn in this language (tools/translated_figures.py)
+        for name in translated_figures.swap_in(notebook, path.stem, language):
+            print(f"{name}: the {language} figure is stale or missing, the English one is used "
+                  f"(python tools/translated_figures.py {language})", file=sys.stderr)
         nbformat.write(notebook, path)
         po = catalogs / "book" / f"{path.stem}.po"
         if po.exists():
@@ -155,6 +218,10 @@ def build(language: str, html: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("wb") as handle:
                 write_po(handle, resolved, width=0)
+    _glossary_index(source / "book" / "glossary.md", _translations(catalogs / "book" / "glossary.po"), language)
+    pipeline = translated_figures.figures_dir(language) / "pipeline.svg"
+    if "pipeline.svg" not in translated_figures.stale(language, notebooks=False):
+        shutil.copy(pipeline, source / "book" / "images" / "pipeline.svg")
     for po in sorted((catalogs / "book").glob("*.po")):
         target = source / "locales" / language / "LC_MESSAGES" / "book" / po.name
         if not target.exists():
@@ -174,13 +241,49 @@ def build(language: str, html: Path) -> Path:
         f"    language: {language}\n"
         f"    html_search_language: {settings['html_search_language']}\n"
         f"    book_language: {language}\n"
-        "    course_kit_pdf: false\n"
-        "    course_kit_slides: false\n",
+        f"    nb_code_prompt_show: {settings['nb_code_prompt_show']}\n"
+        f"    nb_code_prompt_hide: {settings['nb_code_prompt_hide']}\n"
+        f"    latex_elements: {json.dumps(settings['latex_elements'])}\n"
+        "    course_kit_slides: true\n",
+        1,
+    )
+    config = config.replace(
+        "    latex_additional_files: [",
+        "    latex_additional_files: [" + "".join(f"{path}, " for path in settings["latex_additional_files"]),
         1,
     )
     (source / "_config.yml").write_text(config, encoding="utf-8")
-    build_site(source, html)
     return source
+
+
+def build(language: str, html: Path) -> Path:
+    """Build the site in ``language`` into ``html``; return the sources' copy.
+
+    Then the chapter decks in ``language`` into ``html/slides`` (each
+    chapter page links its deck there): ``tools/slides.py`` on a translated
+    copy of the prepared chapters (``tools/translate_notebooks.py``), with
+    reveal.js from ``.slides-deps/revealjs`` as for the English decks.
+    Units the catalogs leave in English are listed on stderr.
+    """
+    source = prepare(language)
+    build_site(source, html)
+    build_decks(language, html / "slides", source)
+    return source
+
+
+def build_decks(language: str, out: Path, source: Path | None = None) -> None:
+    """The chapter decks in ``language`` into ``out``, from the prepared copy ``source`` (made when not given)."""
+    import slides
+    import translate_notebooks
+
+    source = source or prepare(language)
+    with tempfile.TemporaryDirectory() as tmp:
+        translated = Path(tmp) / "book"
+        report = translate_notebooks.translate_copy(source, translated, language)
+        for name, missing in report.items():
+            for msgid in missing:
+                print(f"{name}: left untranslated in the {language} decks: {msgid[:80]!r}", file=sys.stderr)
+        slides.build(out, ROOT / ".slides-deps" / "revealjs", source=translated, language=language)
 
 
 def main(argv: list[str]) -> int:
@@ -191,9 +294,16 @@ def main(argv: list[str]) -> int:
         _merge(_titles_template(), target, argv[1])
         print(target.relative_to(ROOT))
         return 0
+    if len(argv) in (2, 3) and argv[0] == "prepare":
+        print(prepare(argv[1], Path(argv[2]).resolve() if len(argv) == 3 else None))
+        return 0
+    if len(argv) == 3 and argv[0] == "slides":
+        build_decks(argv[1], Path(argv[2]).resolve())
+        print(f"{argv[1]} decks in {argv[2]}")
+        return 0
     if len(argv) == 3 and argv[0] == "build":
         build(argv[1], Path(argv[2]).resolve())
-        print(f"{argv[1]} edition: {Path(argv[2]) / 'index.html'}")
+        print(f"{argv[1]} edition: {Path(argv[2]) / 'index.html'}, its decks in {Path(argv[2]) / 'slides'}")
         return 0
     print(__doc__, file=sys.stderr)
     return 2

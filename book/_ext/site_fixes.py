@@ -16,13 +16,20 @@ test in tests/site checks that there are none):
 Every page of the book also opens with a small bar of links: the PDF of the
 whole book (``book.pdf`` at the site's root, written by ``make pdf``) and,
 on a chapter, the chapter's slides (``slides/NN_topic.slides.html``,
-written by ``make book`` / ``make slides``).
+written by ``make book`` / ``make slides``), in the edition's own language
+(the Japanese site's decks are in ``ja/slides/``).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+# the course-kit bar's words, by book_language
+COURSE_KIT_WORDS = {
+    "en": {"pdf": "The book as PDF", "slides": "This chapter as slides", "label": "Course material"},
+    "ja": {"pdf": "本書の PDF 版", "slides": "この章のスライド", "label": "授業用の資料"},
+}
 
 
 def _default_mode(app: Any, config: Any) -> None:
@@ -52,17 +59,18 @@ def _course_links(app: Any, pagename: str, templatename: str, context: dict, doc
     if "body" not in context or not pagename.startswith("book/"):
         return
     prefix = "../" * pagename.count("/")
+    words = COURSE_KIT_WORDS.get(app.config.book_language, COURSE_KIT_WORDS["en"])
     links = []
     if app.config.course_kit_pdf:
         links.append(
             f'<a class="course-kit-pdf" href="{prefix}book.pdf" download>'
-            '<i class="fas fa-file-pdf" aria-hidden="true"></i> The book as PDF</a>'
+            f'<i class="fas fa-file-pdf" aria-hidden="true"></i> {words["pdf"]}</a>'
         )
     chapter = re.fullmatch(r"book/(\d\d_\w+)", pagename)
     if chapter and app.config.course_kit_slides:
         links.append(
             f'<a class="course-kit-slides" href="{prefix}slides/{chapter[1]}.slides.html">'
-            '<i class="fas fa-chalkboard" aria-hidden="true"></i> This chapter as slides</a>'
+            f'<i class="fas fa-chalkboard" aria-hidden="true"></i> {words["slides"]}</a>'
         )
     # the same page in the other edition: the Japanese site is /ja/ of the English one
     if app.config.book_language == "ja":
@@ -71,7 +79,7 @@ def _course_links(app: Any, pagename: str, templatename: str, context: dict, doc
         links.append(f'<a class="language-switch" href="{prefix}ja/{pagename}.html" hreflang="ja" lang="ja">日本語</a>')
     if not links:
         return
-    bar = '<nav class="course-kit" aria-label="Course material">' + "".join(links) + "</nav>"
+    bar = f'<nav class="course-kit" aria-label="{words["label"]}">' + "".join(links) + "</nav>"
     context["body"] = bar + context["body"]
 
 

@@ -3,6 +3,14 @@
 The test drives Debian's system Chromium with Playwright (no browser is ever
 downloaded).  Without Chromium the tests are skipped with the reason, except
 under CI (``CI`` set), where a missing browser is an error.
+
+The site is ``_build/html`` (``make book``); ``BOOK_SITE=DIR`` tests another
+build of it (a folder laid out the same way: ``DIR/index.html``,
+``DIR/slides/``, ``DIR/ja/``).
+
+Also shared: the measure of a block of text left in English on a page of
+the Japanese edition (:func:`is_english`, and the ``english_passages``
+fixture that applies it to a page's blocks).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -17,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-SITE = Path(__file__).resolve().parents[2] / "_build" / "html"
+SITE = Path(os.environ.get("BOOK_SITE") or Path(__file__).resolve().parents[2] / "_build" / "html").resolve()
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -76,3 +85,36 @@ def browser() -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+LETTERS = re.compile(r"[A-Za-z\u3040-\u30ff\u4e00-\u9fff]")
+JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+
+
+def is_english(text: str) -> bool:
+    """A block left in English: 25 letters or more, under 30 % of them Japanese
+    (kana and kanji), once code, math and names are taken out of ``text``."""
+    letters = LETTERS.findall(text)
+    return len(letters) >= 25 and len(JAPANESE.findall(text)) < 0.3 * len(letters)
+
+
+TEXT_BLOCKS = """(args) => Array.from(document.querySelectorAll(args.blocks))
+    .filter(e => !e.closest(args.outside))
+    .map(e => { const c = e.cloneNode(true);
+                c.querySelectorAll(args.aside).forEach(x => x.remove());
+                return c.textContent; })"""
+
+
+@pytest.fixture(scope="session")
+def english_passages():
+    """``find(page, blocks, outside, aside, drop=None)``: the text of each
+    element of the open ``page`` matching ``blocks`` (CSS), not inside
+    ``outside``, with its ``aside`` elements (code, math, names) removed and
+    the matches of the regular expression ``drop`` too, that :func:`is_english`."""
+
+    def find(page: object, blocks: str, outside: str, aside: str, drop: str | None = None) -> list[str]:
+        texts = page.evaluate(TEXT_BLOCKS, {"blocks": blocks, "outside": outside, "aside": aside})
+        texts = [re.sub(drop, "", text) if drop else text for text in texts]
+        return [" ".join(text.split()) for text in texts if is_english(text)]
+
+    return find

@@ -120,8 +120,9 @@ def test_internal_links_resolve(visited, base_url, site_root):
                 continue
             parts = urlsplit(href)
             target = site_root / unquote(parts.path).lstrip("/")
-            if target == site_root / "book.pdf" and not target.exists() and not os.environ.get("REQUIRE_PDF"):
-                continue  # `make pdf` writes it (tests/pdf checks the link then)
+            pdfs = (site_root / "book.pdf", site_root / "ja" / "book.pdf")
+            if target in pdfs and not target.exists() and not os.environ.get("REQUIRE_PDF"):
+                continue  # `make pdf` writes them (tests/pdf checks the links then)
             if target.is_dir():
                 target = target / "index.html"
             if not target.exists():
@@ -138,9 +139,13 @@ def test_internal_links_resolve(visited, base_url, site_root):
 
 def test_every_page_links_the_pdf_and_each_chapter_its_slides(visited, site_root):
     for page, result in visited.items():
-        if not page.startswith("book/"):
+        if not page.startswith(("book/", "ja/book/")):
             continue
-        assert any(link.endswith("/book.pdf") for link in result["links"]), page
+        # each edition links its own PDF
+        pdf = "/ja/book.pdf" if page.startswith("ja/") else "/book.pdf"
+        links = [link for link in result["links"] if link.endswith("/book.pdf")]
+        assert links and all(link.endswith(pdf) for link in links), (page, links)
+        assert page.startswith("ja/") or not any("/ja/" in link for link in links), (page, links)
     for chapter in chapter_pages(site_root):
         page = chapter.relative_to(site_root).as_posix()
         deck = f"slides/{chapter.stem}.slides.html"
@@ -263,7 +268,7 @@ def test_the_japanese_search_finds_japanese_words_and_code_names(browser, base_u
     assert any(f"/ja/book/{page}.html" in link for link in found), (query, found[:8])
 
 
-def test_no_english_paragraph_is_left_in_a_japanese_page(browser, base_url, site_root):
+def test_no_english_paragraph_is_left_in_a_japanese_page(browser, base_url, site_root, english_passages):
     """Each paragraph, list item, heading and table cell of a Japanese page
     is mostly Japanese once code, math and names are set aside (the API
     page's docstrings are English by design)."""
@@ -273,18 +278,19 @@ def test_no_english_paragraph_is_left_in_a_japanese_page(browser, base_url, site
         if path.stem == "api":
             continue
         tab.goto(f"{base_url}/ja/book/{path.name}", wait_until="load")
-        texts = tab.evaluate(
-            """() => Array.from(document.querySelectorAll(
-                   'article p, article li, article h1, article h2, article h3, article td, article dt, article dd'))
-                 .filter(e => !e.closest('.cell_output, pre, .highlight, .bibliography, .citation, nav'))
-                 .map(e => { const c = e.cloneNode(true);
-                             c.querySelectorAll('code, .math, mjx-container, .headerlink, a.reference.external, cite, .footnote-reference').forEach(x => x.remove());
-                             return c.textContent; })"""
-        )
-        for text in texts:
-            letters = re.findall(r"[A-Za-z\u3040-\u30ff\u4e00-\u9fff]", text)
-            japanese = re.findall(r"[\u3040-\u30ff\u4e00-\u9fff]", text)
-            if len(letters) >= 25 and len(japanese) < 0.3 * len(letters):
-                english.append(f"{path.stem}: {' '.join(text.split())[:80]!r}")
+        for text in english_passages(
+            tab,
+            "article p, article li, article h1, article h2, article h3, article td, article dt, article dd",
+            ".cell_output, pre, .highlight, .bibliography, .citation, nav",
+            "code, .math, mjx-container, .headerlink, a.reference.external, cite, .footnote-reference",
+        ):
+            english.append(f"{path.stem}: {text[:80]!r}")
+        # short labels too: the buttons of collapsed cells, the course-kit bar
+        for label in tab.evaluate(
+            "() => Array.from(document.querySelectorAll('article summary, nav.course-kit a:not(.language-switch)'))"
+            ".map(e => e.textContent.trim())"
+        ):
+            if not re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", label):
+                english.append(f"{path.stem}: label {label!r}")
     tab.close()
-    assert not english, f"{len(english)} English passages:\n" + "\n".join(english[:25])
+    assert not english, f"{len(english)} English passages:\n" + "\n".join(sorted(set(english))[:25])
