@@ -144,7 +144,7 @@ def test_the_japanese_glossary_maps_back_from_english(tmp_path):
     term's catalog entry (Sphinx would translate them)."""
     page = tmp_path / "glossary.md"
     page.write_text((ROOT / "book" / "glossary.md").read_text(encoding="utf-8"), encoding="utf-8")
-    translated = translations._translations(CATALOGS / "book" / "glossary.po")
+    translated = translations.translate_notebooks.load_catalog(CATALOGS / "book" / "glossary.po")
     translations._glossary_index(page, translated, "ja")
     terms = translations.glossary_terms((ROOT / "book" / "glossary.md").read_text(encoding="utf-8"))
     rows = re.findall(r"^\| (.+?) \| \{term\}`(.+?) <(.+?)>` \|$", page.read_text(encoding="utf-8"), re.M)

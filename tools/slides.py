@@ -64,8 +64,6 @@ SLIDE_TYPES = ("slide", "subslide", "fragment", "notes", "skip", "-")
 CHECK_TAGS = {"hide-cell", "remove-cell", "remove-input"}
 HEADING = re.compile(r"^(#{1,3}) ", re.M)
 EXERCISE_START = re.compile(r"^```\{exercise-start\}[ \t]*([^\n]*)\n((?::[\w-]+:[^\n]*\n)*)```", re.M)
-DIFFICULTY = re.compile(r"\*\*Difficulty:\*\*\s*(easy|medium|hard)")
-KIND = re.compile(r"\*\*Kind:\*\*\s*([^\n·]+)")
 # an exercise's details in any language: "**Difficulty:** easy · **Kind:** implement"
 DETAILS = re.compile(r"^\*\*([^*\n]+?)[:：]\*\*\s*([^\n·]+?)\s*·\s*\*\*[^*\n]+?[:：]\*\*\s*([^\n]+?)\s*$", re.M)
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]")
@@ -309,13 +307,10 @@ def _exercise_list(cells: list, language: str = "en") -> str:
             continue
         for title, _ in EXERCISE_START.findall(cell.source):
             details = DETAILS.search(cell.source)
+            detail = ""
             if details:
                 label, difficulty, kind = (part.strip() for part in details.groups())
                 detail = WORDS[language]["details"].format(label=label, difficulty=difficulty, kind=kind)
-            else:
-                difficulty, kind = DIFFICULTY.search(cell.source), KIND.search(cell.source)
-                detail = ", ".join(x for x in (difficulty and difficulty[1], kind and kind[1].strip()) if x)
-                detail = f" ({detail})" if detail else ""
             rows.append(f"{len(rows) + 1}. {title.strip()}{detail}")
     return "\n".join(rows)
 

@@ -87,35 +87,41 @@ def key(english_png: str, language: str) -> str:
     return f"{_digest(english_png.encode())}-{_code_key(language)}"
 
 
+def _manifest(language: str) -> dict[str, str]:
+    path = figures_dir(language) / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _current(manifest: dict[str, str], name: str, drawn_under: str, language: str) -> Path | None:
+    """The ``language`` image ``name`` if it was drawn under ``drawn_under``, else None."""
+    image = figures_dir(language) / name
+    return image if manifest.get(name) == drawn_under and image.exists() else None
+
+
 def stale(language: str, notebooks: bool = True) -> list[str]:
     """The figures (``notebook/cell id``, ``pipeline.svg``) missing for ``language`` or drawn under an old key."""
-    manifest_path = figures_dir(language) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
+    manifest = _manifest(language)
     found = []
     for path in sorted((ROOT / "book").glob("*.ipynb")) if notebooks else ():
         for cell_id, png in figure_cells(path).items():
             name = f"{path.stem}/{cell_id}"
-            image = figures_dir(language) / f"{name}.png"
-            if manifest.get(name) != key(png, language) or not image.exists():
+            if not _current(manifest, f"{name}.png", key(png, language), language):
                 found.append(name)
-    svg = figures_dir(language) / "pipeline.svg"
-    if manifest.get("pipeline.svg") != _code_key(language) or not svg.exists():
+    if not _current(manifest, "pipeline.svg", _code_key(language), language):
         found.append("pipeline.svg")
     return found
 
 
 def swap_in(notebook: nbformat.NotebookNode, stem: str, language: str) -> list[str]:
     """Put the ``language`` images in place of the English ones; return the cells left in English (stale)."""
-    manifest_path = figures_dir(language) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
+    manifest = _manifest(language)
     left = []
     for cell in notebook.cells:
         if cell.cell_type != "code" or (png := _png(cell)) is None:
             continue
-        name = f"{stem}/{cell.id}"
-        image = figures_dir(language) / f"{name}.png"
-        if manifest.get(name) != key(png, language) or not image.exists():
-            left.append(name)
+        image = _current(manifest, f"{stem}/{cell.id}.png", key(png, language), language)
+        if image is None:
+            left.append(f"{stem}/{cell.id}")
             continue
         for output in cell.outputs:
             if "image/png" in output.get("data", {}):
@@ -184,7 +190,7 @@ def render(language: str) -> None:
         target = out / f"{name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(base64.b64decode(png))
-        manifest[name] = key(english_png, language)
+        manifest[f"{name}.png"] = key(english_png, language)
     plot_language.set_language(language)
     (out / "pipeline.svg").write_text(pipeline.pipeline_svg(), encoding="utf-8")
     manifest["pipeline.svg"] = _code_key(language)

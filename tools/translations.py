@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lab_notebooks  # noqa: E402
 import translated_figures  # noqa: E402
+import translate_notebooks  # noqa: E402
 from book_sources import build_site, copy_sources  # noqa: E402
 
 TITLES = "_exercise_titles.po"
@@ -127,13 +128,6 @@ def _merge(template: Catalog, target: Path, language: str) -> None:
         write_po(handle, catalog, width=0, omit_header=False, ignore_obsolete=True)
 
 
-def _translations(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    with path.open("rb") as handle:
-        return {m.id: m.string for m in read_po(handle) if m.id and m.string and not m.fuzzy}
-
-
 def _glue_resolver(notebook_path: Path):
     values = lab_notebooks.glued_values(json.loads(notebook_path.read_text(encoding="utf-8")))
 
@@ -191,7 +185,7 @@ def prepare(language: str, source: Path | None = None) -> Path:
     source = source or ROOT / "_build" / f"{language}-src"
     copy_sources(source)
     catalogs = LOCALES / language / "LC_MESSAGES"
-    titles = _translations(catalogs / TITLES)
+    titles = translate_notebooks.load_catalog(catalogs / TITLES)
     for path in sorted((source / "book").glob("*.ipynb")):
         resolve = _glue_resolver(path)
         notebook = nbformat.read(path, as_version=4)
@@ -218,7 +212,8 @@ def prepare(language: str, source: Path | None = None) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("wb") as handle:
                 write_po(handle, resolved, width=0)
-    _glossary_index(source / "book" / "glossary.md", _translations(catalogs / "book" / "glossary.po"), language)
+    glossary = translate_notebooks.load_catalog(catalogs / "book" / "glossary.po")
+    _glossary_index(source / "book" / "glossary.md", glossary, language)
     pipeline = translated_figures.figures_dir(language) / "pipeline.svg"
     if "pipeline.svg" not in translated_figures.stale(language, notebooks=False):
         shutil.copy(pipeline, source / "book" / "images" / "pipeline.svg")
@@ -229,7 +224,7 @@ def prepare(language: str, source: Path | None = None) -> Path:
             target.write_bytes(po.read_bytes())
     # the table of contents' captions (the sidebar shows them as written in
     # _toc.yml), from the introduction's catalog, where they are entries too
-    intro = _translations(catalogs / "book" / "intro.po")
+    intro = translate_notebooks.load_catalog(catalogs / "book" / "intro.po")
     toc = (source / "_toc.yml").read_text(encoding="utf-8")
     toc = re.sub(r"(caption: )(.+)", lambda m: m.group(1) + intro.get(m.group(2).strip(), m.group(2)), toc)
     (source / "_toc.yml").write_text(toc, encoding="utf-8")
@@ -243,10 +238,16 @@ def prepare(language: str, source: Path | None = None) -> Path:
         f"    book_language: {language}\n"
         f"    nb_code_prompt_show: {settings['nb_code_prompt_show']}\n"
         f"    nb_code_prompt_hide: {settings['nb_code_prompt_hide']}\n"
-        f"    latex_elements: {json.dumps(settings['latex_elements'])}\n"
         "    course_kit_slides: true\n",
         1,
     )
+    # the preamble: the language's, in place of the English one
+    config, replaced = re.subn(
+        r"^    latex_elements: .*$", lambda _: f"    latex_elements: {json.dumps(settings['latex_elements'])}", config,
+        count=1, flags=re.M,
+    )
+    if not replaced:
+        raise ValueError("_config.yml sets no latex_elements for the translation to replace")
     config = config.replace(
         "    latex_additional_files: [",
         "    latex_additional_files: [" + "".join(f"{path}, " for path in settings["latex_additional_files"]),
@@ -274,7 +275,6 @@ def build(language: str, html: Path) -> Path:
 def build_decks(language: str, out: Path, source: Path | None = None) -> None:
     """The chapter decks in ``language`` into ``out``, from the prepared copy ``source`` (made when not given)."""
     import slides
-    import translate_notebooks
 
     source = source or prepare(language)
     with tempfile.TemporaryDirectory() as tmp:

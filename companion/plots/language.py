@@ -172,9 +172,8 @@ def translate_figure(fig: matplotlib.figure.Figure, lang: str) -> matplotlib.fig
     """Replace, in place, every string of ``fig`` that the ``lang`` catalog translates; return ``fig``.
 
     Strings the catalog lacks stay as drawn (numbers, formulas, tokens).
-    With ``lang="ja"`` the figure's texts get a Japanese font as fallback,
-    and so does matplotlib's ``font.family`` (tick labels are made when the
-    figure is drawn).
+    With ``lang="ja"`` the figure's texts and tick labels get a Japanese font
+    as fallback (matplotlib's settings are left as they are).
 
     Raises:
         TypeError, ValueError: ``fig`` is not a matplotlib Figure, or ``lang``
@@ -196,13 +195,10 @@ def translate_figure(fig: matplotlib.figure.Figure, lang: str) -> matplotlib.fig
         elif isinstance(formatter, FuncFormatter) and not getattr(formatter.func, "translated", False):
             # what ``set_xticks(ticks, labels)`` installs
             formatter.func = _translating(formatter.func, messages)
+    families = [f for f in matplotlib.rcParams["font.family"] if f != fallback]
     for ax in fig.get_axes():
-        for label in (*ax.get_xticklabels(), *ax.get_yticklabels()):
-            label.set_fontfamily([*[f for f in label.get_fontfamily() if f != fallback], fallback])
-    # tick labels made when the figure is drawn take their font from rcParams
-    families = list(matplotlib.rcParams["font.family"])
-    if fallback not in families:
-        matplotlib.rcParams["font.family"] = [*families, fallback]
+        # the tick labels there are and those made when the figure is drawn
+        ax.tick_params(axis="both", which="both", labelfontfamily=[*families, fallback])
     return fig
 
 

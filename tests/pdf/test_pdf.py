@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 import pytest
-from babel.messages.pofile import read_po
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "_build"
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from translate_notebooks import load_catalog  # noqa: E402
+
 GLUE_MIME = "application/papermill.record/text/plain"
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]")
 
@@ -63,10 +67,7 @@ _catalogs: dict[tuple[str, str], dict[str, str]] = {}
 def _catalog(language: str, page: str) -> dict[str, str]:
     if (language, page) not in _catalogs:
         path = ROOT / "locales" / language / "LC_MESSAGES" / "book" / f"{page}.po"
-        with path.open("rb") as handle:
-            _catalogs[language, page] = {
-                m.id: m.string for m in read_po(handle) if m.id and m.string and not m.fuzzy
-            }
+        _catalogs[language, page] = load_catalog(path)
     return _catalogs[language, page]
 
 

@@ -23,7 +23,6 @@ from urllib.parse import unquote, urlsplit
 
 import nbformat
 import pytest
-from babel.messages.pofile import read_po
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
@@ -33,6 +32,7 @@ EDITION = {"en": "", "ja": "ja/"}
 sys.path.insert(0, str(ROOT / "tools"))
 
 import slides  # noqa: E402
+import translate_notebooks  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -49,8 +49,7 @@ def _sections(chapter: Path, language: str = "en") -> list[str]:
     if language == "en":
         return titles
     po = ROOT / "locales" / language / "LC_MESSAGES" / "book" / f"{chapter.stem}.po"
-    with po.open("rb") as handle:
-        catalog = {m.id: m.string for m in read_po(handle) if m.id and m.string and not m.fuzzy}
+    catalog = translate_notebooks.load_catalog(po)
     missing = [title for title in titles if title not in catalog]
     assert not missing, f"{po.name}: section titles without a translation: {missing}"
     return [catalog[title] for title in titles]
